@@ -1,0 +1,357 @@
+"""Encode an image-caption collection once with the teacher's VAE and text encoders.
+
+Training reads latents and text embeddings instead of pixels and captions, so the
+frozen encoders run once per record rather than once per epoch. The input is cut into
+shards of `records_per_shard` input records (shard k holds inputs [kR, (k+1)R)), and
+each shard is written under a temporary name and renamed when complete: a rerun skips
+the shards that exist, and a crash never leaves one that reads as complete. Tasks on
+several machines may split the shards (`task_index`/`task_count`); whichever run finds
+all shards complete writes the tfds metadata that makes the folder loadable.
+
+Uses PyTorch (the teacher's encoders are diffusers/transformers models).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from array_record.python import array_record_module
+from diffusers import AutoencoderKL
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from koala_jax.data import ingest, schema
+
+log = logging.getLogger(__name__)
+SHARD_REPORTS_DIR = "_shard_reports"
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig:
+    """What to produce; the fields in `content_settings` must match on resume."""
+
+    output_dir: str
+    teacher: str  # diffusers SDXL folder: vae/, text_encoder(_2)/, tokenizer(_2)/
+    resolution: int = 1024
+    filters: ingest.Filters = ingest.Filters()
+    records_per_shard: int = 1000
+    batch_size: int = 16
+    dtype: str = "float32"  # text encoders; the VAE upcasts to float32 when its config says so
+    device: str | None = None  # default: cuda when available
+    num_threads: int = 4  # image reading and decoding
+    task_index: int = 0
+    task_count: int = 1
+
+    def content_settings(self, collection: ingest.Collection) -> dict[str, Any]:
+        """Settings that change what the shards contain, checked when resuming."""
+        return {
+            "input": collection.description,
+            "num_inputs": len(collection),
+            "teacher": os.path.abspath(self.teacher),
+            "resolution": self.resolution,
+            "filters": dataclasses.asdict(self.filters),
+            "records_per_shard": self.records_per_shard,
+            "dtype": self.dtype,
+        }
+
+
+class TeacherEncoders:
+    """The teacher's VAE and two CLIP text encoders, encoding as SDXL's pipeline does."""
+
+    def __init__(self, teacher: str, device: str | None = None, dtype: str = "float32"):
+        self.device = self.default_device(device)
+        text_dtype = getattr(torch, dtype)
+        vae_dir = os.path.join(teacher, "vae")
+        # SDXL's VAE overflows in float16 (force_upcast): keep it in float32 then.
+        force_upcast = AutoencoderKL.load_config(vae_dir).get("force_upcast", True)
+        vae_dtype = torch.float32 if force_upcast else text_dtype
+        self.vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=vae_dtype)
+        self.vae.to(self.device).eval()
+        self.tokenizers = [
+            CLIPTokenizer.from_pretrained(os.path.join(teacher, name))
+            for name in ("tokenizer", "tokenizer_2")
+        ]
+        self.text_encoders = [
+            CLIPTextModel.from_pretrained(os.path.join(teacher, "text_encoder")),
+            CLIPTextModelWithProjection.from_pretrained(os.path.join(teacher, "text_encoder_2")),
+        ]
+        for encoder in self.text_encoders:
+            encoder.to(self.device, text_dtype).eval()
+
+    @staticmethod
+    def default_device(device: str | None) -> torch.device:
+        return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if resolution % factor:
+            raise ValueError(f"resolution {resolution} is not a multiple of the VAE's {factor}")
+        side = resolution // factor
+        return (self.vae.config.latent_channels, side, side)
+
+    @property
+    def text_dim(self) -> int:
+        return sum(encoder.config.hidden_size for encoder in self.text_encoders)
+
+    @property
+    def pooled_dim(self) -> int:
+        return self.text_encoders[1].config.projection_dim
+
+    @torch.no_grad()
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        """Scaled latents [B, C, h, w] float32 of pixels [B, 3, H, W] in [-1, 1].
+
+        The posterior mean, not a sample: the record is then a deterministic function
+        of the image, and the sampling noise (std ~ exp(logvar / 2), tiny for SDXL's
+        VAE) is negligible next to the diffusion noise added in training.
+        """
+        x = torch.from_numpy(pixels).to(self.device, self.vae.dtype)
+        mean = self.vae.encode(x).latent_dist.mean
+        return (mean * self.vae.config.scaling_factor).float().cpu().numpy()
+
+    @torch.no_grad()
+    def encode_captions(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(prompt_embeds [B, 77, D], pooled [B, P]) as StableDiffusionXLPipeline.encode_prompt.
+
+        Both encoders' penultimate hidden states, concatenated on the feature axis; the
+        pooled embedding is the second encoder's projected text embedding.
+        """
+        hidden, pooled = [], None
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
+            ids = tokenizer(
+                list(captions),
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(self.device)
+            output = encoder(ids, output_hidden_states=True)
+            hidden.append(output.hidden_states[-2])
+            pooled = output[0]  # text_embeds of CLIPTextModelWithProjection, the last encoder
+        prompt_embeds = torch.cat(hidden, dim=-1)
+        return prompt_embeds.float().cpu().numpy(), pooled.float().cpu().numpy()
+
+
+def _atomic_write_json(path: str, tmp_dir: str, data: Any) -> None:
+    tmp_path = os.path.join(tmp_dir, os.path.basename(path))
+    with open(tmp_path, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp_path, path)
+
+
+class _ShardWriter:
+    """Writes shards of one output folder: temporary name first, rename when complete."""
+
+    def __init__(self, output_dir: str, num_shards: int):
+        self.output_dir = output_dir
+        self.num_shards = num_shards
+        self.tmp_dir = os.path.join(output_dir, schema.INCOMPLETE_DIR)
+        self.reports_dir = os.path.join(output_dir, SHARD_REPORTS_DIR)
+        os.makedirs(self.tmp_dir, exist_ok=True)
+        os.makedirs(self.reports_dir, exist_ok=True)
+
+    def path(self, shard: int) -> str:
+        return os.path.join(self.output_dir, schema.shard_filename(shard, self.num_shards))
+
+    def report_path(self, shard: int) -> str:
+        return os.path.join(
+            self.reports_dir, schema.shard_filename(shard, self.num_shards) + ".json"
+        )
+
+    def is_complete(self, shard: int) -> bool:
+        """The shard file appears only by the final rename, after its report."""
+        return os.path.exists(self.path(shard))
+
+    def read_report(self, shard: int) -> ingest.IngestReport:
+        with open(self.report_path(shard)) as f:
+            return ingest.IngestReport.from_dict(json.load(f))
+
+    def write(self, shard: int, records: Iterator[bytes], report: ingest.IngestReport) -> None:
+        tmp_path = os.path.join(self.tmp_dir, os.path.basename(self.path(shard)))
+        # group_size:1 makes every record its own chunk: cheap random access for grain.
+        writer = array_record_module.ArrayRecordWriter(tmp_path, "group_size:1")
+        for record in records:
+            writer.write(record)
+        writer.close()
+        _atomic_write_json(self.report_path(shard), self.tmp_dir, report.to_dict())
+        os.replace(tmp_path, self.path(shard))
+
+
+def _check_settings(output_dir: str, settings: dict[str, Any]) -> None:
+    """Refuse to mix shards made with different inputs or settings in one folder."""
+    path = os.path.join(output_dir, schema.PREPARE_CONFIG_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            stored = json.load(f)
+        changed = sorted(
+            k for k in settings.keys() | stored.keys() if settings.get(k) != stored.get(k)
+        )
+        if changed:
+            differences = "; ".join(
+                f"{k}: {stored.get(k)!r} then, {settings.get(k)!r} now" for k in changed
+            )
+            raise ValueError(
+                f"{output_dir} holds shards prepared with other settings ({differences}); "
+                "use a new --output-dir or the same settings"
+            )
+    else:
+        _atomic_write_json(path, os.path.join(output_dir, schema.INCOMPLETE_DIR), settings)
+
+
+class _Progress:
+    """Counts and throughput, logged once per shard."""
+
+    def __init__(self, num_inputs: int):
+        self.num_inputs = num_inputs
+        self.start = time.perf_counter()
+        self.done = 0
+
+    def shard_done(self, shard: int, num_shards: int, report: ingest.IngestReport) -> None:
+        self.done += report.total
+        rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+        log.info(
+            "shard %d/%d: %d kept, %d filtered, %d unreadable | %d/%d inputs, %.1f images/s",
+            shard + 1,
+            num_shards,
+            report.kept,
+            sum(report.filtered.values()),
+            sum(report.unreadable.values()),
+            self.done,
+            self.num_inputs,
+            rate,
+        )
+
+
+class _ShardEncoder:
+    """Turns one shard's input records into serialized records, counting every skip."""
+
+    def __init__(
+        self,
+        collection: ingest.Collection,
+        config: PrepareConfig,
+        encoders: TeacherEncoders,
+        serialize: Callable[[dict[str, Any]], bytes],
+        pool: concurrent.futures.Executor,
+    ):
+        self.collection, self.config, self.encoders = collection, config, encoders
+        self.serialize, self.pool = serialize, pool
+
+    def inputs(self, shard: int) -> range:
+        start = shard * self.config.records_per_shard
+        return range(start, min(start + self.config.records_per_shard, len(self.collection)))
+
+    def _load(self, index: int) -> ingest.Example | ingest.SkipRecord:
+        """Runs in a worker thread; returns the skip rather than raising it."""
+        try:
+            return ingest.load_example(
+                self.collection, index, self.config.filters, self.config.resolution
+            )
+        except ingest.SkipRecord as skip:
+            return skip
+
+    def _batches(
+        self, indices: Sequence[int]
+    ) -> Iterator[list[ingest.Example | ingest.SkipRecord]]:
+        """Loaded batches in order, the next one decoding while this one is encoded."""
+        size = self.config.batch_size
+        chunks = [indices[i : i + size] for i in range(0, len(indices), size)]
+        ahead = [self.pool.submit(self._load, i) for i in chunks[0]] if chunks else []
+        for chunk in chunks[1:] + [[]]:
+            current, ahead = ahead, [self.pool.submit(self._load, i) for i in chunk]
+            yield [future.result() for future in current]
+
+    def _encode(
+        self, examples: list[ingest.Example], report: ingest.IngestReport
+    ) -> Iterator[bytes]:
+        """Records of kept examples; a non-finite encoding is skipped and counted."""
+        latents = self.encoders.encode_images(np.stack([e.pixels for e in examples]))
+        prompt_embeds, pooled = self.encoders.encode_captions([e.caption for e in examples])
+        for i, example in enumerate(examples):
+            if not all(np.isfinite(a).all() for a in (latents[i], prompt_embeds[i], pooled[i])):
+                report.count_skip(ingest.Unreadable("non_finite_encoding", example.where))
+                continue
+            report.kept += 1
+            yield self.serialize(
+                {
+                    "latents": latents[i].astype(np.float16),
+                    "prompt_embeds": prompt_embeds[i].astype(np.float16),
+                    "pooled_prompt_embeds": pooled[i].astype(np.float16),
+                    "original_size": np.asarray(example.original_size, np.int32),
+                    "crop_top_left": np.asarray(example.crop_top_left, np.int32),
+                    "target_size": np.asarray(example.pixels.shape[1:], np.int32),
+                    "caption": example.caption,
+                }
+            )
+
+    def records(self, shard: int, report: ingest.IngestReport) -> Iterator[bytes]:
+        for batch in self._batches(self.inputs(shard)):
+            kept = []
+            for item in batch:
+                if isinstance(item, ingest.SkipRecord):
+                    report.count_skip(item)
+                else:
+                    kept.append(item)
+            if kept:
+                yield from self._encode(kept, report)
+
+
+def _finalize(
+    writer: _ShardWriter, features: Any, collection: ingest.Collection
+) -> ingest.IngestReport | None:
+    """Write the tfds metadata and the report once every shard is complete."""
+    missing = [k for k in range(writer.num_shards) if not writer.is_complete(k)]
+    if missing:
+        log.info("%d shards still missing (other tasks?): metadata not written yet", len(missing))
+        return None
+    report = ingest.IngestReport(skipped_shards=list(collection.skipped_shards))
+    lengths = []
+    for shard in range(writer.num_shards):
+        shard_report = writer.read_report(shard)
+        lengths.append(shard_report.kept)
+        report.merge(shard_report)
+    schema.write_tfds_metadata(writer.output_dir, features, lengths)
+    report_path = os.path.join(writer.output_dir, schema.PREPARE_REPORT_FILE)
+    _atomic_write_json(report_path, writer.tmp_dir, report.to_dict())
+    return report
+
+
+def prepare_dataset(
+    collection: ingest.Collection, config: PrepareConfig
+) -> ingest.IngestReport | None:
+    """Encode `collection` into `config.output_dir`; returns the full report when complete.
+
+    Returns None while shards of other tasks are still missing.
+    """
+    if not 0 <= config.task_index < config.task_count:
+        raise ValueError(f"task_index {config.task_index} not in [0, {config.task_count})")
+    if len(collection) == 0:
+        raise ValueError(f"{collection.description} holds no records")
+    num_shards = math.ceil(len(collection) / config.records_per_shard)
+    writer = _ShardWriter(config.output_dir, num_shards)
+    _check_settings(config.output_dir, config.content_settings(collection))
+    encoders = TeacherEncoders(config.teacher, config.device, config.dtype)
+    features = schema.record_features(
+        encoders.latent_shape(config.resolution), encoders.text_dim, encoders.pooled_dim
+    )
+    null_embeds, null_pooled = encoders.encode_captions([""])
+    schema.save_null_embeddings(config.output_dir, null_embeds[0], null_pooled[0])
+    mine = range(config.task_index, num_shards, config.task_count)
+    todo = [k for k in mine if not writer.is_complete(k)]
+    log.info("%d shards, %d for this task, %d to write", num_shards, len(mine), len(todo))
+    with concurrent.futures.ThreadPoolExecutor(config.num_threads) as pool:
+        encoder = _ShardEncoder(collection, config, encoders, features.serialize_example, pool)
+        progress = _Progress(sum(len(encoder.inputs(k)) for k in todo))
+        for shard in todo:
+            report = ingest.IngestReport()
+            writer.write(shard, encoder.records(shard, report), report)
+            progress.shard_done(shard, num_shards, report)
+    return _finalize(writer, features, collection)

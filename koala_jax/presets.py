@@ -1,0 +1,50 @@
+"""The paper's three architectures (SDXL-Base teacher, KOALA-1B and KOALA-700M students) and the
+layer-wise removal rule that derives a KOALA student from any SDXL-family teacher config."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from koala_jax.models.config import UNetConfig
+
+SDXL_BASE = UNetConfig()  # The defaults of UNetConfig are SDXL-Base 1.0's U-Net.
+
+# Fraction of the deepest stage's transformer blocks that each student keeps (10 -> 6 and 10 -> 5 in
+# SDXL) and whether it keeps the mid block (KOALA paper, Sec. 3 / Table 1; see docs/paper.md).
+STUDENT_VARIANTS = {
+    "koala-1b": {"deep_keep_fraction": 0.6, "mid_block": True},
+    "koala-700m": {"deep_keep_fraction": 0.5, "mid_block": False},
+}
+PARAM_COUNTS = {"sdxl-base": 2_567_463_684, "koala-1b": 1_161_184_324, "koala-700m": 782_822_724}
+
+
+def deep_stage_depth(teacher_depth: int, variant: str) -> int:
+    """Transformer blocks a student keeps at the deepest stage (at least one)."""
+    return max(1, round(teacher_depth * STUDENT_VARIANTS[variant]["deep_keep_fraction"]))
+
+
+def derive_student_config(teacher: UNetConfig, variant: str) -> UNetConfig:
+    """KOALA's layer-wise removal applied to `teacher`: one residual block fewer per stage (encoder
+    2 -> 1, decoder 3 -> 2 in SDXL), fewer transformer blocks at the deepest stage, and for KOALA-700M
+    no mid block. Everything else (widths, heads, conditioning) is the teacher's."""
+    if variant not in STUDENT_VARIANTS:
+        raise ValueError(f"unknown student variant {variant!r}; choose from {sorted(STUDENT_VARIANTS)}")
+    deepest = len(teacher.block_out_channels) - 1
+    encoder_depth = list(teacher.transformer_layers_per_block)
+    decoder_depth = list(teacher.reverse_transformer_layers_per_block)
+    encoder_depth[deepest] = deep_stage_depth(encoder_depth[deepest], variant)
+    decoder_depth[0] = deep_stage_depth(decoder_depth[0], variant)
+    return dataclasses.replace(
+        teacher,
+        layers_per_block=tuple(max(1, n - 1) for n in teacher.layers_per_block),
+        transformer_layers_per_block=tuple(encoder_depth),
+        reverse_transformer_layers_per_block=tuple(decoder_depth),
+        mid_block_type=teacher.mid_block_type if STUDENT_VARIANTS[variant]["mid_block"] else None,
+    )
+
+
+def preset(name: str) -> UNetConfig:
+    """'sdxl-base', 'koala-1b' or 'koala-700m'."""
+    if name == "sdxl-base":
+        return SDXL_BASE
+    return derive_student_config(SDXL_BASE, name)

@@ -1,0 +1,97 @@
+"""Reading and writing .safetensors with numpy, memory-mapped, bfloat16 included.
+
+The `safetensors` package's numpy API has no bfloat16, and its torch/flax APIs would pull a framework
+in or copy every tensor onto a device. The format is simple (8-byte little-endian header length, a JSON
+header of dtype/shape/offsets, then raw little-endian bytes), so we read it through `np.memmap`:
+tensors stay on disk until used, which keeps a full SDXL conversion at about one copy in memory.
+Writes go to a temporary file renamed into place, so a crash never leaves a file that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+
+
+class SafetensorsError(ValueError):
+    """A file that is not a readable safetensors file."""
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, int]:
+    """(header dict without '__metadata__', byte offset of the data section)."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise SafetensorsError(f"{path}: too short to be a safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8:
+            raise SafetensorsError(f"{path}: header length {n} exceeds the file size {size} (truncated file?)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SafetensorsError(f"{path}: unreadable safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    data_size = max((v["data_offsets"][1] for v in header.values()), default=0)
+    if 8 + n + data_size > size:
+        raise SafetensorsError(f"{path}: data section needs {data_size} bytes, file has {size - 8 - n} (truncated?)")
+    return header, 8 + n
+
+
+def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of a safetensors file as read-only memory-mapped numpy arrays."""
+    header, start = read_header(path)
+    out = {}
+    for name, info in header.items():
+        if info["dtype"] not in _DTYPES:
+            raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        dtype = np.dtype(_DTYPES[info["dtype"]])
+        begin, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        if (end - begin) != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
+            raise SafetensorsError(f"{path}: tensor {name!r} byte range does not match shape {shape} {dtype}")
+        if end == begin:
+            out[name] = np.zeros(shape, dtype)
+        else:
+            out[name] = np.memmap(path, dtype=dtype, mode="r", offset=start + begin, shape=shape)
+    return out
+
+
+def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
+              metadata: Mapping[str, str] | None = None) -> None:
+    """Write `tensors` to `path` atomically (temporary name, then rename), one tensor at a time."""
+    if sys.byteorder != "little":
+        raise SafetensorsError("safetensors is little-endian; writing from a big-endian host is not supported")
+    path = Path(path)
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    arrays = {}
+    for name in sorted(tensors):
+        a = np.asarray(tensors[name])
+        if a.dtype not in _NAMES:
+            raise SafetensorsError(f"cannot write tensor {name!r} of dtype {a.dtype} to safetensors")
+        header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        arrays[name] = a
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # Align the data section to 8 bytes, as the reference writer does.
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for name in sorted(arrays):
+            f.write(np.ascontiguousarray(arrays[name]).tobytes())  # Native order: little-endian hosts only.
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,96 @@
+"""One mapping between a diffusers/PyTorch U-Net state dict and our Flax parameter tree, both ways.
+
+Layouts: Conv2d weight (O, I, kh, kw) <-> Flax Conv kernel (kh, kw, I, O); Linear weight (O, I) <->
+Dense kernel (I, O); norm weight <-> scale; biases unchanged. Conversions are pure transposes, so a
+state dict survives the round trip bit for bit. Arrays are numpy (any dtype, bf16 via ml_dtypes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from koala_jax.naming import flax_path_to_torch_module, torch_module_to_flax_path
+
+_TO_FLAX = {4: (2, 3, 1, 0), 2: (1, 0)}
+_TO_TORCH = {4: (3, 2, 0, 1), 2: (1, 0)}
+
+
+class StateDictError(KeyError):
+    """Missing, unexpected or mis-shaped keys between a checkpoint and the model."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message.
+        return str(self.args[0])
+
+
+def torch_key_to_flax(key: str, ndim: int) -> tuple[str, ...]:
+    """'conv_in.weight' (4-D) -> ('conv_in', 'kernel'); 'conv_norm_out.weight' (1-D) -> (..., 'scale')."""
+    module, _, leaf = key.rpartition(".")
+    path = torch_module_to_flax_path(module)
+    if leaf == "bias":
+        return path + ("bias",)
+    if leaf != "weight":
+        raise StateDictError(f"unexpected parameter name {key!r} (expected '.weight' or '.bias')")
+    return path + ("kernel" if ndim in _TO_FLAX else "scale",)
+
+
+def flax_path_to_torch_key(path: tuple[str, ...]) -> str:
+    """('conv_in', 'kernel') -> 'conv_in.weight'."""
+    leaf = {"kernel": "weight", "scale": "weight", "bias": "bias"}[path[-1]]
+    return f"{flax_path_to_torch_module(path[:-1])}.{leaf}"
+
+
+def _torch_shape(path: tuple[str, ...], flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+    perm = _TO_TORCH.get(len(flax_shape)) if path[-1] == "kernel" else None
+    return tuple(flax_shape[i] for i in perm) if perm else tuple(flax_shape)
+
+
+def torch_to_flax(state_dict: Mapping[str, Any], expected: Mapping | None = None) -> dict:
+    """Convert a diffusers U-Net state dict to a nested Flax params dict.
+
+    `expected` (a params tree of arrays or ShapeDtypeStructs, e.g. from `jax.eval_shape`) turns on
+    validation: every missing, unexpected or mis-shaped key is reported at once, with both shapes.
+    """
+    flat = {}
+    for key, value in state_dict.items():
+        value = np.asarray(value)
+        path = torch_key_to_flax(key, value.ndim)
+        perm = _TO_FLAX.get(value.ndim) if path[-1] == "kernel" else None
+        flat[path] = np.transpose(value, perm) if perm else value
+    if expected is not None:
+        check_against(flat, flatten_dict(dict(expected)))
+    return unflatten_dict(flat)
+
+
+def flax_to_torch(params: Mapping) -> dict[str, np.ndarray]:
+    """Convert a nested Flax params dict back to a diffusers state dict (contiguous numpy arrays)."""
+    out = {}
+    for path, value in flatten_dict(dict(params)).items():
+        value = np.asarray(value)
+        perm = _TO_TORCH.get(value.ndim) if path[-1] == "kernel" else None
+        out[flax_path_to_torch_key(path)] = np.ascontiguousarray(np.transpose(value, perm) if perm else value)
+    return out
+
+
+def check_against(flat: Mapping[tuple[str, ...], Any], expected: Mapping[tuple[str, ...], Any]) -> None:
+    """Raise StateDictError listing every key that is missing, unexpected or of the wrong shape
+    (named as diffusers keys, shapes in PyTorch layout)."""
+    problems = []
+    for path in sorted(expected.keys() - flat.keys()):
+        problems.append(f"missing key {flax_path_to_torch_key(path)!r} "
+                        f"(model expects shape {_torch_shape(path, expected[path].shape)})")
+    for path in sorted(flat.keys() - expected.keys()):
+        problems.append(f"unexpected key {flax_path_to_torch_key(path)!r} "
+                        f"(checkpoint shape {_torch_shape(path, np.shape(flat[path]))})")
+    for path in sorted(flat.keys() & expected.keys()):
+        got, want = tuple(np.shape(flat[path])), tuple(expected[path].shape)
+        if got != want:
+            problems.append(f"shape mismatch for {flax_path_to_torch_key(path)!r}: checkpoint "
+                            f"{_torch_shape(path, got)} vs model {_torch_shape(path, want)}")
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise StateDictError(f"{len(problems)} state dict problem(s):\n  {shown}{more}")
