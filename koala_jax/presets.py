@@ -15,6 +15,12 @@ STUDENT_VARIANTS = {
     "koala-1b": {"deep_keep_fraction": 0.6, "mid_block": True},
     "koala-700m": {"deep_keep_fraction": 0.5, "mid_block": False},
 }
+# A tiny SDXL-shaped teacher for the embedded default config and tests: 3 stages, two residual blocks
+# per encoder stage, depth 4 at the deepest stage, text dims of koala_jax.tiny_pipeline (64 / 32).
+TINY_SDXL = UNetConfig(block_out_channels=(32, 64, 128), layers_per_block=(2, 2, 2),
+                       transformer_layers_per_block=(1, 2, 4), reverse_transformer_layers_per_block=(4, 2, 1),
+                       num_attention_heads=(2, 4, 8), cross_attention_dim=(64, 64, 64), norm_num_groups=8,
+                       addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8)
 PARAM_COUNTS = {"sdxl-base": 2_567_463_684, "koala-1b": 1_161_184_324, "koala-700m": 782_822_724}
 
 
@@ -44,7 +50,11 @@ def derive_student_config(teacher: UNetConfig, variant: str) -> UNetConfig:
 
 
 def preset(name: str) -> UNetConfig:
-    """'sdxl-base', 'koala-1b' or 'koala-700m'."""
+    """'sdxl-base', 'koala-1b', 'koala-700m' or 'tiny-sdxl'."""
     if name == "sdxl-base":
         return SDXL_BASE
+    if name == "tiny-sdxl":
+        return TINY_SDXL
+    if name not in STUDENT_VARIANTS:
+        raise ValueError(f"unknown preset {name!r}; choose from sdxl-base, tiny-sdxl, {', '.join(STUDENT_VARIANTS)}")
     return derive_student_config(SDXL_BASE, name)
