@@ -22,7 +22,7 @@ from ml_collections import config_flags
 from koala_jax.data import SyntheticSource, make_train_loader, open_source, to_global_batch
 from koala_jax.loading import abstract_params, dummy_inputs
 from koala_jax.models import ForwardOptions, UNet2DConditionModel, UNetConfig
-from koala_jax.train import sharding
+from koala_jax.train import preview, sharding
 from koala_jax.train.checkpoint import Checkpointer, write_student_config
 from koala_jax.train.losses import LossWeights, feature_pairs
 from koala_jax.train.metrics import Throughput, compiled_flops, measure_peak_flops
@@ -160,9 +160,12 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     preemption = Preemption()
     writer = make_writer(cfg)
     peak = cfg.peak_tflops_per_device * 1e12 or measure_peak_flops(param_dtype(cfg.compute.dtype))
-    throughput, history, compiled = None, [], None
+    if cfg.sample_every and not cfg.sample_vae:
+        info("samples: no VAE given (sample_vae), TensorBoard shows latent previews")
+    throughput, history, compiled, val_batch = None, [], None, None
     for step in range(start, cfg.total_steps):
         batch = to_global_batch(next(loader), mesh, sharding.BATCH_AXES)
+        val_batch = val_batch or batch
         if compiled is None:
             compiled = step_fn.lower(state, teacher_params, batch, null).compile()
             throughput = Throughput(cfg.data.global_batch_size, compiled_flops(compiled), peak)
@@ -183,6 +186,10 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
                 if writer:
                     for k, v in record.items():
                         writer.add_scalar(k if "/" in k else f"train/{k}", v, step + 1)
+        if cfg.sample_every and (step + 1) % cfg.sample_every == 0:
+            student_params = state.params if state.ema_params is None else state.ema_params
+            log_samples(writer, step + 1, cfg, {"student": (student, student_params), "teacher": (teacher, teacher_params)},
+                        step_cfg.schedule, val_batch)
         stop = preemption.agreed()
         checkpointer.save(step + 1, state, loader, force=stop or step + 1 == cfg.total_steps)
         if stop:
@@ -193,6 +200,22 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     if writer:
         writer.close()
     return {"history": history, "state": state, "pairs": pairs}
+
+
+def log_samples(writer, step: int, cfg: ml_collections.ConfigDict, models: dict, noise_schedule: NoiseSchedule,
+                val_batch: dict) -> None:
+    """Student and teacher samples for the same captions and noise, as one grid each."""
+    n = cfg.sample_count
+    noise = jax.random.normal(jax.random.key(cfg.seed), val_batch["latents"][:n].shape)
+    for name, (unet, params) in models.items():
+        plain = unet.clone(opts=dataclasses.replace(unet.opts, capture=(), remat=()))
+        latents = jax.device_get(preview.euler_sample(
+            plain, params, noise, val_batch["prompt_embeds"][:n], val_batch["pooled_prompt_embeds"][:n],
+            val_batch["time_ids"][:n], noise_schedule, cfg.sample_steps))
+        if writer is None:
+            continue
+        images = preview.decode_with_vae(latents, cfg.sample_vae) if cfg.sample_vae else preview.latent_preview(latents)
+        writer.add_image(f"samples/{name}", preview.grid(images, columns=n), step, dataformats="HWC")
 
 
 def make_writer(cfg: ml_collections.ConfigDict):

@@ -10,6 +10,8 @@ def get_config():
     c.total_steps = 150
     c.log_every = 10
     c.ckpt_every = 50
+    c.sample_every = 50
+    c.sample_steps = 8
     c.teacher = "random:tiny-sdxl"
     c.teacher_param_dtype = "float32"
     c.data.global_batch_size = 8

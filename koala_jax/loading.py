@@ -40,6 +40,20 @@ def init_params(config: UNetConfig, rng: jax.Array, opts: ForwardOptions = Forwa
     return UNet2DConditionModel(config, opts).init(rng, *dummy_inputs(config))["params"]
 
 
+def random_params(config: UNetConfig, seed: int = 0) -> dict:
+    """Host (numpy) params: kernels ~ N(0, 1/fan_in), norm scales 1, biases 0. For random teachers
+    and fresh student blocks: no XLA compilation, which on CPU costs far more than the init itself."""
+    rng = np.random.default_rng(seed)
+
+    def init(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            return (rng.standard_normal(leaf.shape, np.float32) / np.sqrt(math.prod(leaf.shape[:-1]))).astype(leaf.dtype)
+        return (np.ones if name == "scale" else np.zeros)(leaf.shape, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(init, abstract_params(config))
+
+
 def abstract_params(config: UNetConfig, opts: ForwardOptions = ForwardOptions()) -> dict:
     """The params tree as ShapeDtypeStructs, computed with jax.eval_shape (no memory)."""
     return jax.eval_shape(lambda: init_params(config, jax.random.key(0), opts))

@@ -20,6 +20,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.async_checkpoint = True
     c.tensorboard = True
+    # Sample grids in TensorBoard every `sample_every` steps (0: off): student (EMA if kept) and teacher
+    # denoise the same noise for the first `sample_count` captions of the first batch with `sample_steps`
+    # Euler steps; decoded by the VAE at `sample_vae` (a diffusers vae/ folder, needs torch) or shown
+    # as a latent preview.
+    c.sample_every = 0
+    c.sample_count = 4
+    c.sample_steps = 25
+    c.sample_vae = ""
     c.peak_tflops_per_device = 0.0  # 0: measure with a matmul at start-up (MFU denominator)
 
     # Teacher: 'random:<preset>' | JAX params dir (convert_weights.py to-jax) | diffusers folder.

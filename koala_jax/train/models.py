@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from koala_jax.loading import init_params, load_unet
+from koala_jax.loading import load_unet, random_params
 from koala_jax.models import UNetConfig
 from koala_jax.presets import derive_student_config, preset
 from koala_jax.student_init import init_student_from_teacher
@@ -26,7 +26,7 @@ def load_teacher(source: str, seed: int = 0) -> tuple[UNetConfig, dict]:
     if source.startswith(RANDOM_PREFIX):
         name = source[len(RANDOM_PREFIX):]
         config = UNetConfig.from_diffusers(json.loads(Path(name).read_text())) if name.endswith(".json") else preset(name)
-        return config, jax.device_get(init_params(config, jax.random.key(seed)))
+        return config, random_params(config, seed)
     if (Path(source) / "params").is_dir():
         from koala_jax.params_io import load_params
 
@@ -40,7 +40,7 @@ def build_student(cfg: ml_collections.ConfigDict, teacher_config: UNetConfig, te
     """Student (config, host params, fresh param paths): the KOALA variant of the teacher, initialised
     from the teacher blocks it replaces (cfg.init == 'teacher') or randomly ('random')."""
     config = derive_student_config(teacher_config, cfg.variant)
-    fresh_params = jax.device_get(init_params(config, jax.random.key(seed)))
+    fresh_params = random_params(config, seed + 1)
     if cfg.init == "random":
         return config, fresh_params, ["(all)"]
     if cfg.init != "teacher":
