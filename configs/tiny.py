@@ -7,7 +7,7 @@ from koala_jax.train.config import base_config
 def get_config():
     c = base_config()
     c.workdir = "runs/tiny"
-    c.total_steps = 150
+    c.total_steps = 100
     c.log_every = 10
     c.ckpt_every = 50
     c.sample_every = 50

@@ -7,6 +7,7 @@ architecture its config.json describes before returning params.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -54,8 +55,10 @@ def random_params(config: UNetConfig, seed: int = 0) -> dict:
     return jax.tree_util.tree_map_with_path(init, abstract_params(config))
 
 
+@functools.lru_cache(maxsize=16)
 def abstract_params(config: UNetConfig, opts: ForwardOptions = ForwardOptions()) -> dict:
-    """The params tree as ShapeDtypeStructs, computed with jax.eval_shape (no memory)."""
+    """The params tree as ShapeDtypeStructs, computed with jax.eval_shape (no memory). Cached: tracing
+    takes seconds and every loader, exporter and train run asks for it (treat the result as read-only)."""
     return jax.eval_shape(lambda: init_params(config, jax.random.key(0), opts))
 
 

@@ -151,3 +151,19 @@ def test_nan_loss_stops_with_error_and_keeps_last_good_checkpoint(tmp_path):
     assert step is not None
     _, params = restore_params(tmp_path, ema=False, step=step)
     assert all(np.isfinite(v).all() for v in _leaves(params))
+
+
+def test_export_training_run_to_diffusers(straight_and_sharded, tmp_path):
+    """convert_weights.py to-diffusers on a train.py workdir: the EMA student loads in diffusers."""
+    import torch
+    from diffusers import UNet2DConditionModel as TorchUNet
+
+    import convert_weights
+
+    (one, _), _ = straight_and_sharded
+    assert convert_weights.main(["to-diffusers", "--checkpoint", str(one), "--ema", "--out", str(tmp_path / "export")]) == 0
+    model = TorchUNet.from_pretrained(tmp_path / "export")
+    _, ema = restore_params(one, ema=True)
+    np.testing.assert_array_equal(model.state_dict()["conv_in.weight"].numpy(),
+                                  np.transpose(ema["conv_in"]["kernel"], (3, 2, 0, 1)))
+    assert isinstance(model.state_dict()["conv_out.bias"], torch.Tensor) and model.config.mid_block_type is None

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 # SDXL layout in miniature: linear projections, per-block head counts, mid block, 3 stages.
 SDXL_LIKE = {
     "block_out_channels": [32, 64, 128],
@@ -51,18 +49,20 @@ TINY_TEACHER = {**SDXL_LIKE, "transformer_layers_per_block": [1, 2, 4], "cross_a
                 "projection_class_embeddings_input_dim": 32 + 6 * 8}
 
 
-@torch.no_grad()
-def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Overwrite every parameter with seeded random values of a sensible scale."""
+def randomize_(model, seed: int = 0):
+    """Overwrite every parameter of a torch module with seeded random values of a sensible scale."""
+    import torch  # here, so that the configs above import without torch (tests/train_worker.py)
+
     gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=gen)
-        if p.ndim >= 2:
-            p.copy_(noise / math.sqrt(p[0].numel()))
-        elif name.endswith("weight"):  # norm scales around 1
-            p.copy_(1.0 + 0.1 * noise)
-        else:
-            p.copy_(0.1 * noise)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if p.ndim >= 2:
+                p.copy_(noise / math.sqrt(p[0].numel()))
+            elif name.endswith("weight"):  # norm scales around 1
+                p.copy_(1.0 + 0.1 * noise)
+            else:
+                p.copy_(0.1 * noise)
     return model.eval()
 
 # The smallest SDXL-shaped U-Net (2 stages), for tests that compile gradients.

@@ -13,20 +13,10 @@ import os
 import sys
 from pathlib import Path
 
-MICRO_TEACHER = {
-    "block_out_channels": [16, 32],
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-    "layers_per_block": 2,
-    "transformer_layers_per_block": [1, 2],
-    "attention_head_dim": [2, 4],
-    "cross_attention_dim": 16,
-    "use_linear_projection": True,
-    "norm_num_groups": 8,
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 4,
-    "projection_class_embeddings_input_dim": 8 + 6 * 4,
-}
+from tests.tiny_unets import MICRO
+
+# The micro U-Net with two residual blocks per encoder stage, so the student drops some.
+MICRO_TEACHER = {**MICRO, "layers_per_block": 2}
 
 
 def micro_config(workdir: str, steps: int, mesh: tuple[int, int] = (-1, 1), **overrides):
