@@ -21,7 +21,8 @@ import convert_weights
 from koala_jax import UNet2DConditionModel, UNetConfig
 from koala_jax.convert import make_student
 from koala_jax.naming import flax_path_to_torch_module
-from koala_jax.params_io import expected_params, load_params, save_params
+from koala_jax.loading import abstract_params
+from koala_jax.params_io import load_params, save_params
 from koala_jax.presets import derive_student_config
 from koala_jax.safetensors_io import load_file, save_file
 from koala_jax.state_dict import torch_to_flax
@@ -120,7 +121,7 @@ def predicted_fresh(teacher_params: dict, teacher_cfg: UNetConfig, student_cfg: 
     """Student parameters without a same-shaped teacher source under `teacher_path_for`, computed from shapes."""
     teacher_shapes = {flax_path_to_torch_module(p): np.shape(v) for p, v in flatten_dict(teacher_params).items()}
     fresh = []
-    for path, leaf in flatten_dict(expected_params(student_cfg)).items():
+    for path, leaf in flatten_dict(abstract_params(student_cfg)).items():
         key = flax_path_to_torch_module(path)
         if teacher_shapes.get(teacher_path_for(key, teacher_cfg, student_cfg)) != leaf.shape:
             fresh.append(key)
@@ -187,7 +188,7 @@ def test_parameters_without_a_teacher_source_start_fresh():
     assert not set(fresh) & set(mapping)
     assert_student_from_teacher(params, teacher_params, mapping)
     student_flat = {flax_path_to_torch_module(p): np.asarray(v) for p, v in flatten_dict(params).items()}
-    expected = {flax_path_to_torch_module(p): v.shape for p, v in flatten_dict(expected_params(config)).items()}
+    expected = {flax_path_to_torch_module(p): v.shape for p, v in flatten_dict(abstract_params(config)).items()}
     for key in fresh:  # Flax's default (LeCun normal) initialisation of a (fan_in, fan_out) kernel.
         value = student_flat[key]
         assert value.shape == expected[key] and abs(np.std(value) * np.sqrt(value.shape[0]) - 1) < 0.2
@@ -240,7 +241,7 @@ def _edited_copy(teacher: Path, tmp_path: Path, edit) -> Path:
 
 def _micro_jax(tmp_path: Path) -> Path:
     config = UNetConfig.from_diffusers(MICRO_CROSS_24)
-    params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), expected_params(config))
+    params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract_params(config))
     return save_params(tmp_path / "micro", params, config)
 
 
