@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import app, logging
 from ml_collections import config_flags
 
 from koala_jax.data import SyntheticSource, make_train_loader, open_source, to_global_batch
@@ -28,7 +28,7 @@ from koala_jax.train.losses import LossWeights, feature_pairs
 from koala_jax.train.metrics import Throughput, compiled_flops, measure_peak_flops
 from koala_jax.train.models import build_student, load_teacher, param_dtype, place
 from koala_jax.train.noise import NoiseSchedule
-from koala_jax.train.state import TrainState, init_state, make_optimizer
+from koala_jax.train.state import init_state, make_optimizer
 from koala_jax.train.step import StepConfig, jit_train_step
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
