@@ -31,9 +31,6 @@ class StepConfig:
     caption_dropout: float
     grad_accum: int = 1
 
-    def __hash__(self) -> int:  # jit's static argument; identity is enough
-        return id(self)
-
 
 def _conditioning(batch: Batch, null: Batch, p_drop: float, rng: jax.Array) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Text conditioning with classifier-free-guidance dropout: a dropped sample gets the empty
