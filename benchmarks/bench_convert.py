@@ -33,11 +33,12 @@ import jax
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from koala_jax.convert import DTYPES
-from koala_jax.loading import CONFIG_NAME, WEIGHTS_NAME, abstract_params
-from koala_jax.presets import preset
-from koala_jax.safetensors_io import save_file
-from koala_jax.state_dict import flax_to_torch
+from koala_jax.dtypes import dtype
+from koala_jax.models import abstract_params
+from koala_jax.students.presets import preset
+from koala_jax.weights.diffusers_dir import CONFIG_NAME, WEIGHTS_NAME
+from koala_jax.weights.safetensors import save_file
+from koala_jax.weights.state_dict import flax_to_torch
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "bench_convert.json"
@@ -64,7 +65,7 @@ def write_random_unet(folder: Path, dtype: np.dtype, seed: int = 0) -> int:
     for key, shape in shapes.items():
         n = math.prod(shape)
         start = int(rng.integers(0, pool.size - n + 1))
-        tensors[key] = pool[start:start + n].reshape(shape)
+        tensors[key] = pool[start : start + n].reshape(shape)
     folder.mkdir(parents=True)
     (folder / CONFIG_NAME).write_text(json.dumps(config.to_diffusers(), indent=2))
     save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
@@ -74,8 +75,12 @@ def write_random_unet(folder: Path, dtype: np.dtype, seed: int = 0) -> int:
 def run_step(argv: list[str]) -> tuple[float, float]:
     """(seconds, peak RSS in GiB) of `python convert_weights.py *argv` in a fresh process."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "convert_weights.py"), *argv], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "convert_weights.py"), *argv],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
@@ -92,24 +97,49 @@ def bench(work: Path, dtype_name: str) -> list[dict[str, Any]]:
     n_teacher = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(preset("sdxl-base"))))
     n_student = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(preset("koala-700m"))))
     start = time.perf_counter()
-    size = write_random_unet(work / "teacher", DTYPES[dtype_name])
-    rows = [{"step": f"generate random SDXL U-Net ({dtype_name})", "seconds": round(time.perf_counter() - start, 1),
-             "peak_rss_gib": None, "one_copy_gib": round(size / GIB, 2), "output_gib": round(size / GIB, 2)}]
+    size = write_random_unet(work / "teacher", dtype(dtype_name))
+    rows = [
+        {
+            "step": f"generate random SDXL U-Net ({dtype_name})",
+            "seconds": round(time.perf_counter() - start, 1),
+            "peak_rss_gib": None,
+            "one_copy_gib": round(size / GIB, 2),
+            "output_gib": round(size / GIB, 2),
+        }
+    ]
     steps = [
         ("to-jax fp32", ["to-jax", "--src", work / "teacher", "--out", work / "jax32"], n_teacher * 4, "jax32"),
-        ("to-jax bf16", ["to-jax", "--src", work / "teacher", "--out", work / "jax16", "--dtype", "bf16"],
-         n_teacher * 2, "jax16"),
-        ("student koala-700m (JAX fp32)", ["student", "--teacher", work / "teacher", "--variant", "koala-700m",
-                                           "--out", work / "student"], n_student * 4, "student"),
-        ("to-diffusers fp32 JAX -> fp16", ["to-diffusers", "--checkpoint", work / "jax32", "--out", work / "export",
-                                           "--dtype", "fp16"], n_teacher * 4, "export"),
+        (
+            "to-jax bf16",
+            ["to-jax", "--src", work / "teacher", "--out", work / "jax16", "--dtype", "bf16"],
+            n_teacher * 2,
+            "jax16",
+        ),
+        (
+            "student koala-700m (JAX fp32)",
+            ["student", "--teacher", work / "teacher", "--variant", "koala-700m", "--out", work / "student"],
+            n_student * 4,
+            "student",
+        ),
+        (
+            "to-diffusers fp32 JAX -> fp16",
+            ["to-diffusers", "--checkpoint", work / "jax32", "--out", work / "export", "--dtype", "fp16"],
+            n_teacher * 4,
+            "export",
+        ),
         ("info sdxl-base", ["info", "sdxl-base"], 0, None),
     ]
     for name, argv, one_copy, out in steps:
         seconds, peak = run_step([str(a) for a in argv])
-        rows.append({"step": name, "seconds": round(seconds, 1), "peak_rss_gib": round(peak, 2),
-                     "one_copy_gib": round(one_copy / GIB, 2),
-                     "output_gib": round(folder_size(work / out) / GIB, 2) if out else None})
+        rows.append(
+            {
+                "step": name,
+                "seconds": round(seconds, 1),
+                "peak_rss_gib": round(peak, 2),
+                "one_copy_gib": round(one_copy / GIB, 2),
+                "output_gib": round(folder_size(work / out) / GIB, 2) if out else None,
+            }
+        )
         print(f"  {name}: {seconds:.1f} s, peak RSS {peak:.2f} GiB", flush=True)
     return rows
 
@@ -136,10 +166,13 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     print_table(rows)
-    result = {"date": datetime.date.today().isoformat(),
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
-                         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.0f} GiB RAM",
-              "args": vars(args), "results": rows}
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.0f} GiB RAM",
+        "args": vars(args),
+        "results": rows,
+    }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.output}")

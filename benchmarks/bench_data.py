@@ -45,9 +45,7 @@ def write_dataset(data_dir: str, num_records: int, shapes: Shapes, records_per_s
     """A prepared dataset of random records, in prepare_data.py's exact format."""
     os.makedirs(os.path.join(data_dir, schema.INCOMPLETE_DIR), exist_ok=True)
     features = schema.record_features(shapes.latent, shapes.text_dim, shapes.pooled_dim)
-    source = SyntheticSource(
-        num_records, shapes.latent, schema.TEXT_LENGTH, shapes.text_dim, shapes.pooled_dim
-    )
+    source = SyntheticSource(num_records, shapes.latent, schema.TEXT_LENGTH, shapes.text_dim, shapes.pooled_dim)
     lengths = []
     for shard, start in enumerate(range(0, num_records, records_per_shard)):
         stop = min(start + records_per_shard, num_records)
@@ -86,9 +84,7 @@ def bench_loading(args: argparse.Namespace, work_dir: str) -> list[dict[str, Any
     write_dataset(data_dir, args.records, shapes, records_per_shard=max(1, args.records // 4))
     sources = {
         "prepared (ArrayRecord)": open_source(data_dir),
-        "synthetic": SyntheticSource(
-            args.records, shapes.latent, 77, shapes.text_dim, shapes.pooled_dim
-        ),
+        "synthetic": SyntheticSource(args.records, shapes.latent, 77, shapes.text_dim, shapes.pooled_dim),
     }
     rows = []
     for name, source in sources.items():
@@ -129,7 +125,7 @@ def bench_encoding(args: argparse.Namespace, work_dir: str) -> list[dict[str, An
         torch.set_num_threads(args.torch_threads)
     teacher = args.teacher
     if teacher is None:
-        from koala_jax.tiny_pipeline import save_tiny_sdxl_components
+        from koala_jax.pipelines.tiny import save_tiny_sdxl_components
 
         teacher = os.path.join(work_dir, "tiny_teacher")
         save_tiny_sdxl_components(teacher)
@@ -161,32 +157,22 @@ def bench_encoding(args: argparse.Namespace, work_dir: str) -> list[dict[str, An
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     for row in rows:
-        detail = ", ".join(
-            f"{k}={v}" for k, v in row.items() if not k.endswith("_per_s") and k != "bench"
-        )
-        rate = next(
-            f"{v} {k.removesuffix('_per_s')}/s" for k, v in row.items() if k.endswith("_per_s")
-        )
+        detail = ", ".join(f"{k}={v}" for k, v in row.items() if not k.endswith("_per_s") and k != "bench")
+        rate = next(f"{v} {k.removesuffix('_per_s')}/s" for k, v in row.items() if k.endswith("_per_s"))
         print(f"{row['bench']:<7} {rate:>20}   {detail}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=256, help="records in the loading dataset")
-    parser.add_argument(
-        "--latent-size", type=int, default=128, help="latent side (SDXL 1024px: 128)"
-    )
+    parser.add_argument("--latent-size", type=int, default=128, help="latent side (SDXL 1024px: 128)")
     parser.add_argument("--text-dim", type=int, default=2048)
     parser.add_argument("--pooled-dim", type=int, default=1280)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--batches", type=int, default=30, help="timed batches per configuration")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--encode", action="store_true", help="also time prepare_dataset")
-    parser.add_argument(
-        "--teacher", default=None, help="SDXL folder (default: tiny random teacher)"
-    )
+    parser.add_argument("--teacher", default=None, help="SDXL folder (default: tiny random teacher)")
     parser.add_argument(
         "--resolution",
         type=int,
@@ -196,9 +182,7 @@ def main() -> None:
     parser.add_argument("--encode-images", type=int, default=64)
     parser.add_argument("--encode-batch", type=int, default=16)
     parser.add_argument("--device", default=None)
-    parser.add_argument(
-        "--torch-threads", type=int, default=None, help="torch CPU threads for --encode"
-    )
+    parser.add_argument("--torch-threads", type=int, default=None, help="torch CPU threads for --encode")
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help="JSON results file")
     args = parser.parse_args()
 

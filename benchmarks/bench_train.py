@@ -40,22 +40,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from koala_jax.loading import param_count, random_params
-from koala_jax.models import UNet2DConditionModel, UNetConfig
-from koala_jax.presets import STUDENT_VARIANTS, derive_student_config, preset
+from koala_jax.models import UNet2DConditionModel, UNetConfig, param_count, random_params
+from koala_jax.students.presets import STUDENT_VARIANTS, derive_student_config, preset
 from koala_jax.train import sharding
 from koala_jax.train.config import base_config
 from koala_jax.train.losses import LossWeights
 from koala_jax.train.metrics import compiled_flops, measure_peak_flops
-from koala_jax.train.models import place
 from koala_jax.train.noise import NoiseSchedule
+from koala_jax.train.setup import make_models, place  # the Flax models and feature pairs as training builds them
 from koala_jax.train.state import init_state, make_optimizer
 from koala_jax.train.step import StepConfig, jit_train_step
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)  # train.py sits beside the package, not in it
-from train import make_models  # noqa: E402  (the Flax models and feature pairs exactly as training builds them)
 
 DEFAULT_OUTPUT = os.path.join(REPO, "benchmarks", "results", "bench_train.json")
 DEFAULT_REMAT = ("resnet", "transformer_block")  # train.py's default (configs: compute.remat)
@@ -121,8 +117,10 @@ def random_batch(config: UNetConfig, batch: int, latent: int, text_len: int, see
         "pooled_prompt_embeds": rng.standard_normal((batch, pooled), np.float32),
         "time_ids": np.tile(np.array([size, size, 0, 0, size, size], np.float32), (batch, 1)),
     }
-    null = {"prompt_embeds": np.zeros((text_len, text_dim), np.float32),
-            "pooled_prompt_embeds": np.zeros((pooled,), np.float32)}
+    null = {
+        "prompt_embeds": np.zeros((text_len, text_dim), np.float32),
+        "pooled_prompt_embeds": np.zeros((pooled,), np.float32),
+    }
     return data, null
 
 
@@ -153,7 +151,7 @@ def one_device() -> jax.sharding.Mesh:
 
 
 def placed_random_params(config: UNetConfig, seed: int, dtype: jnp.dtype, mesh: jax.sharding.Mesh) -> dict:
-    """`koala_jax.loading.random_params` (host numpy, no compilation; timing does not depend on the
+    """`koala_jax.models.random_params` (host numpy, no compilation; timing does not depend on the
     values) in `dtype` on `mesh`."""
     host = random_params(config, seed)
     return place(host, sharding.tree_shardings(host, mesh), dtype)
@@ -176,12 +174,23 @@ def bench_jax(case: Case, teacher_params: dict, data: Batch, null: Batch, warmup
     state = jax.jit(lambda p: init_state(p, optimizer, cfg.seed, False), out_shardings=state_shardings)(params)
     del params
     n = cfg.noise
-    step_cfg = StepConfig(student=case.student, teacher=case.teacher,
-                          schedule=NoiseSchedule(n.num_train_timesteps, n.beta_start, n.beta_end, n.prediction_type),
-                          weights=LossWeights(cfg.kd.task, cfg.kd.out, cfg.kd.feat), pairs=case.pairs,
-                          optimizer=optimizer, ema_decay=None, caption_dropout=cfg.data.caption_dropout)
-    step_fn = jit_train_step(step_cfg, state_shardings, jax.tree.map(lambda x: x.sharding, teacher_params),
-                             sharding.batch_sharding(mesh), sharding.replicated(mesh))
+    step_cfg = StepConfig(
+        student=case.student,
+        teacher=case.teacher,
+        schedule=NoiseSchedule(n.num_train_timesteps, n.beta_start, n.beta_end, n.prediction_type),
+        weights=LossWeights(cfg.kd.task, cfg.kd.out, cfg.kd.feat),
+        pairs=case.pairs,
+        optimizer=optimizer,
+        ema_decay=None,
+        caption_dropout=cfg.data.caption_dropout,
+    )
+    step_fn = jit_train_step(
+        step_cfg,
+        state_shardings,
+        jax.tree.map(lambda x: x.sharding, teacher_params),
+        sharding.batch_sharding(mesh),
+        sharding.replicated(mesh),
+    )
     batch = jax.device_put(data, sharding.batch_sharding(mesh))
     null_embeds = jax.device_put(null, sharding.replicated(mesh))
 
@@ -243,12 +252,21 @@ def torch_step(case: Case, data: Batch, null: Batch, device, compile_models: boo
     student_feats = capture_outputs(student, set(case.pairs))
     if compile_models:
         teacher, student = torch.compile(teacher), torch.compile(student)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps,
-                                  weight_decay=o.weight_decay, fused=device.type == "cuda")
-    alphas = torch.as_tensor(NoiseSchedule(cfg.noise.num_train_timesteps, cfg.noise.beta_start,
-                                           cfg.noise.beta_end).alphas_cumprod, device=device)
-    x0, ehs_in, pooled_in, time_ids = (torch.from_numpy(data[k]).to(device) for k in
-                                       ("latents", "prompt_embeds", "pooled_prompt_embeds", "time_ids"))
+    optimizer = torch.optim.AdamW(
+        student.parameters(),
+        lr=o.lr,
+        betas=(o.b1, o.b2),
+        eps=o.eps,
+        weight_decay=o.weight_decay,
+        fused=device.type == "cuda",
+    )
+    alphas = torch.as_tensor(
+        NoiseSchedule(cfg.noise.num_train_timesteps, cfg.noise.beta_start, cfg.noise.beta_end).alphas_cumprod,
+        device=device,
+    )
+    x0, ehs_in, pooled_in, time_ids = (
+        torch.from_numpy(data[k]).to(device) for k in ("latents", "prompt_embeds", "pooled_prompt_embeds", "time_ids")
+    )
     null_ehs, null_pooled = (torch.from_numpy(null[k]).to(device) for k in ("prompt_embeds", "pooled_prompt_embeds"))
     mse = lambda a, b: F.mse_loss(a.float(), b.float())
 
@@ -276,8 +294,16 @@ def torch_step(case: Case, data: Batch, null: Batch, device, compile_models: boo
     return step
 
 
-def bench_torch(case: Case, data: Batch, null: Batch, device_name: str, warmup: int, steps: int,
-                compile_models: bool, threads: int | None) -> Timing:
+def bench_torch(
+    case: Case,
+    data: Batch,
+    null: Batch,
+    device_name: str,
+    warmup: int,
+    steps: int,
+    compile_models: bool,
+    threads: int | None,
+) -> Timing:
     import torch
 
     log(f"torch {case.variant}: building and timing")
@@ -303,13 +329,21 @@ def bench_torch(case: Case, data: Batch, null: Batch, device_name: str, warmup: 
 
 def result_row(variant: str, stack: str, timing: Timing, batch: int, peak: float) -> dict:
     mfu = timing.flops / timing.step_time_s / peak if timing.flops else None
-    return {"variant": variant, "stack": stack, **dataclasses.asdict(timing),
-            "images_per_s": batch / timing.step_time_s, "mfu": mfu}
+    return {
+        "variant": variant,
+        "stack": stack,
+        **dataclasses.asdict(timing),
+        "images_per_s": batch / timing.step_time_s,
+        "mfu": mfu,
+    }
 
 
 def ratio_row(variant: str, jax_row: dict, torch_row: dict) -> dict:
-    return {"variant": variant, "stack": "ratio jax/torch",
-            "images_per_s": jax_row["images_per_s"] / torch_row["images_per_s"]}
+    return {
+        "variant": variant,
+        "stack": "ratio jax/torch",
+        "images_per_s": jax_row["images_per_s"] / torch_row["images_per_s"],
+    }
 
 
 def print_table(rows: list[dict], peak: float, device: str) -> None:
@@ -320,9 +354,11 @@ def print_table(rows: list[dict], peak: float, device: str) -> None:
             print(f"{r['variant']:<11} {r['stack']:<16} {'':>8} {r['images_per_s']:>8.2f}x")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        mem = f"{r['peak_memory_bytes'] / 2 ** 30:.1f}G" if r["peak_memory_bytes"] else "-"
-        print(f"{r['variant']:<11} {r['stack']:<16} {r['step_time_s']:>8.3f} {r['images_per_s']:>9.2f} {mfu:>7} "
-              f"{mem:>9} {r['loss']:>9.4f}")
+        mem = f"{r['peak_memory_bytes'] / 2**30:.1f}G" if r["peak_memory_bytes"] else "-"
+        print(
+            f"{r['variant']:<11} {r['stack']:<16} {r['step_time_s']:>8.3f} {r['images_per_s']:>9.2f} {mfu:>7} "
+            f"{mem:>9} {r['loss']:>9.4f}"
+        )
 
 
 def warn_if_devices_differ(torch_device: str | None) -> None:
@@ -344,8 +380,14 @@ def device_description(torch_device: str | None) -> str:
 
 def write_json(path: str, args: argparse.Namespace, rows: list[dict], peak: float, device: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    result = {"date": datetime.date.today().isoformat(), "device": device, "peak_bf16_flops": peak,
-              "smoke": args.smoke, "args": vars(args), "results": rows}
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "device": device,
+        "peak_bf16_flops": peak,
+        "smoke": args.smoke,
+        "args": vars(args),
+        "results": rows,
+    }
     with open(path, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {path}")
@@ -356,27 +398,42 @@ def write_json(path: str, args: argparse.Namespace, rows: list[dict], peak: floa
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variant", choices=[*STUDENT_VARIANTS, "both"], default=None,
-                   help="student(s) to time (default: both; koala-700m with --smoke)")
+    p.add_argument(
+        "--variant",
+        choices=[*STUDENT_VARIANTS, "both"],
+        default=None,
+        help="student(s) to time (default: both; koala-700m with --smoke)",
+    )
     p.add_argument("--teacher", choices=["sdxl-base", "tiny-sdxl"], default="sdxl-base")
     p.add_argument("--batch", type=int, default=8, help="images per step (one device)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
     p.add_argument("--resolution", type=int, default=1024, help="pixels (latents are resolution / 8)")
     p.add_argument("--text-len", type=int, default=77)
-    p.add_argument("--remat", default=",".join(DEFAULT_REMAT),
-                   help="comma-separated module kinds to rematerialise (resnet, transformer_block, "
-                        "attention_block) or 'none'; torch: any -> diffusers gradient checkpointing")
+    p.add_argument(
+        "--remat",
+        default=",".join(DEFAULT_REMAT),
+        help="comma-separated module kinds to rematerialise (resnet, transformer_block, "
+        "attention_block) or 'none'; torch: any -> diffusers gradient checkpointing",
+    )
     p.add_argument("--attention-impl", choices=["xla", "cudnn", "auto"], default="auto")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda", help="the PyTorch side's device")
-    p.add_argument("--torch-compile", action="store_true",
-                   help="torch.compile teacher and student (raise --warmup: dynamo keeps compiling over the "
-                        "first steps, and recompiles around gradient checkpointing)")
-    p.add_argument("--torch-threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's; --smoke: 1, OpenMP spinning on a busy CPU)")
+    p.add_argument(
+        "--torch-compile",
+        action="store_true",
+        help="torch.compile teacher and student (raise --warmup: dynamo keeps compiling over the "
+        "first steps, and recompiles around gradient checkpointing)",
+    )
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's; --smoke: 1, OpenMP spinning on a busy CPU)",
+    )
     p.add_argument("--skip-torch", action="store_true")
-    p.add_argument("--smoke", action="store_true",
-                   help="tiny teacher, 64 px (8x8 latents), batch 2, 2 steps, both sides on CPU")
+    p.add_argument(
+        "--smoke", action="store_true", help="tiny teacher, 64 px (8x8 latents), batch 2, 2 steps, both sides on CPU"
+    )
     p.add_argument("--out", default=DEFAULT_OUTPUT, help="JSON results file")
     args = p.parse_args(argv)
     if args.smoke:
@@ -397,9 +454,16 @@ def main(argv: list[str] | None = None) -> None:
     cases = sorted((make_case(args, v) for v in variants), key=lambda c: param_count(c.student_config))
     data, null = random_batch(cases[0].teacher_config, args.batch, args.resolution // 8, args.text_len)
     # PyTorch first, then JAX: torch hands its cached memory back, JAX's allocator never does.
-    torch_timings = {} if args.skip_torch else {
-        c.variant: bench_torch(c, data, null, args.device, args.warmup, args.steps, args.torch_compile,
-                               args.torch_threads) for c in cases}
+    torch_timings = (
+        {}
+        if args.skip_torch
+        else {
+            c.variant: bench_torch(
+                c, data, null, args.device, args.warmup, args.steps, args.torch_compile, args.torch_threads
+            )
+            for c in cases
+        }
+    )
     warn_if_devices_differ(None if args.skip_torch else args.device)
     peak = measure_peak_flops(jnp.bfloat16)
     teacher_params = placed_random_params(cases[0].teacher_config, 1, jnp.bfloat16, one_device())

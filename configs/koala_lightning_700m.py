@@ -7,9 +7,13 @@ with 10 trailing Euler steps, which visit timesteps the 4-step teacher never saw
 `--config.noise.timesteps="(999, 749, 499, 249)"` restricts them to the teacher's own 4 steps.
 """
 
-from koala_jax.train.config import sdxl_distillation_config
+from configs.common import sdxl_distillation_config
 
 
 def get_config():
-    return sdxl_distillation_config("koala-700m", teacher="weights/sdxl-lightning-4step", data="data/laion-pop-1024",
-                                    workdir="runs/koala_lightning_700m")
+    return sdxl_distillation_config(
+        "koala-700m",
+        teacher="weights/sdxl-lightning-4step",
+        data="data/laion-pop-1024",
+        workdir="runs/koala_lightning_700m",
+    )

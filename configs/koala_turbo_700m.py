@@ -6,11 +6,12 @@ What changes against koala_700m: the teacher weights and 512 px data (64x64 late
 trained at the 4 timesteps (999, 749, 499, 249), which `noise.timesteps` can restrict training to.
 """
 
-from koala_jax.train.config import sdxl_distillation_config
+from configs.common import sdxl_distillation_config
 
 
 def get_config():
-    c = sdxl_distillation_config("koala-700m", teacher="weights/sdxl-turbo", data="data/koala-512",
-                                 workdir="runs/koala_turbo_700m")
+    c = sdxl_distillation_config(
+        "koala-700m", teacher="weights/sdxl-turbo", data="data/koala-512", workdir="runs/koala_turbo_700m"
+    )
     c.data.synthetic_latent_size = 64
     return c

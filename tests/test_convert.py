@@ -12,64 +12,34 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+from diffusers import StableDiffusionXLPipeline
 from diffusers import UNet2DConditionModel as TorchUNet
 from flax.traverse_util import flatten_dict
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-import convert_weights
 from koala_jax import UNet2DConditionModel, UNetConfig
-from koala_jax.convert import make_student
-from koala_jax.naming import flax_path_to_torch_module
-from koala_jax.loading import abstract_params
-from koala_jax.params_io import load_params, save_params
-from koala_jax.presets import derive_student_config
-from koala_jax.safetensors_io import load_file, save_file
-from koala_jax.state_dict import torch_to_flax
-from koala_jax.student_init import teacher_path_for
-from koala_jax.tiny_pipeline import save_tiny_sdxl_components
-from tests.test_unet_parity import make_inputs, rel_err, torch_forward
-from tests.tiny_unets import MICRO, TINY_TEACHER, randomize_
+from koala_jax.models import abstract_params
+from koala_jax.models.naming import flax_path_to_torch_module
+from koala_jax.students import build_student, derive_student_config
+from koala_jax.students.mapping import teacher_path_for
+from koala_jax.weights.params_dir import load_params, save_params
+from koala_jax.weights.safetensors import load_file, save_file
+from koala_jax.weights.state_dict import torch_to_flax
+
+from tests.conftest import (
+    MICRO,
+    TINY_TEACHER,
+    assert_trees_equal,
+    build_teacher_pipeline,
+    make_inputs,
+    numpy_state,
+    randomize_,
+    rel_err,
+    run,
+    torch_forward,
+)
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 MICRO_CROSS_24 = {**MICRO, "cross_attention_dim": 24}  # A student whose attn2 projections cannot come from MICRO.
-
-
-def build_teacher_pipeline(folder: Path) -> TorchUNet:
-    """A complete tiny SDXL pipeline folder (model_index.json included, written by diffusers itself) whose
-    U-Net is a random TINY_TEACHER; returns that U-Net."""
-    save_tiny_sdxl_components(str(folder))
-    unet = randomize_(TorchUNet(**TINY_TEACHER), seed=1)
-    components = {"vae": AutoencoderKL, "text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection,
-                  "tokenizer": CLIPTokenizer, "tokenizer_2": CLIPTokenizer, "scheduler": EulerDiscreteScheduler}
-    loaded = {name: cls.from_pretrained(str(folder / name)) for name, cls in components.items()}
-    StableDiffusionXLPipeline(unet=unet, **loaded).save_pretrained(str(folder))
-    return unet
-
-
-def run(*argv: object) -> int:
-    return convert_weights.main([str(a) for a in argv])
-
-
-def numpy_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
-
-
-def assert_trees_equal(got: dict, want: dict) -> None:
-    got, want = flatten_dict(got), flatten_dict(want)
-    assert sorted(got) == sorted(want)
-    for path in want:
-        assert np.asarray(got[path]).dtype == np.asarray(want[path]).dtype, path
-        np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(want[path]), err_msg=str(path))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """On a small shared CPU, torch's spinning OpenMP threads make tiny models many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +120,10 @@ def test_student_cli_init_export_and_forward_parity(teacher, tmp_path, capsys):
     record = json.loads((out / "student_init.json").read_text())
     assert record["fresh"] == predicted_fresh(teacher_params, teacher_cfg, config) == []
     assert len(record["mapping"]) == len(flatten_dict(params))
-    assert record["mapping"]["up_blocks.0.attentions.1.transformer_blocks.1.attn1.to_q.kernel"] == \
-        "up_blocks.0.attentions.2.transformer_blocks.1.attn1.to_q.kernel"
+    assert (
+        record["mapping"]["up_blocks.0.attentions.1.transformer_blocks.1.attn1.to_q.kernel"]
+        == "up_blocks.0.attentions.2.transformer_blocks.1.attn1.to_q.kernel"
+    )
     assert_student_from_teacher(params, teacher_params, record["mapping"])
 
     torch_student = TorchUNet.from_pretrained(out / "unet").eval()
@@ -167,12 +139,14 @@ def test_koala_1b_student_keeps_the_mid_block(teacher):
     _, unet = teacher
     teacher_cfg = UNetConfig.from_diffusers(dict(unet.config))
     teacher_params = torch_to_flax(numpy_state(unet))
-    config = derive_student_config(teacher_cfg, "koala-1b")
-    params, mapping, fresh = make_student(teacher_cfg, teacher_params, config)
+    student = build_student(teacher_cfg, teacher_params, "koala-1b")
+    config, params, mapping, fresh = student.config, student.params, student.mapping, student.fresh
     assert fresh == predicted_fresh(teacher_params, teacher_cfg, config) == []
     assert sorted(mapping) == sorted(flax_path_to_torch_module(p) for p in flatten_dict(params))
-    assert mapping["mid_block.attentions.0.transformer_blocks.1.attn1.to_q.kernel"] == \
-        "mid_block.attentions.0.transformer_blocks.1.attn1.to_q.kernel"
+    assert (
+        mapping["mid_block.attentions.0.transformer_blocks.1.attn1.to_q.kernel"]
+        == "mid_block.attentions.0.transformer_blocks.1.attn1.to_q.kernel"
+    )
     assert_student_from_teacher(params, teacher_params, mapping)
 
 
@@ -182,7 +156,8 @@ def test_parameters_without_a_teacher_source_start_fresh():
     teacher_cfg = UNetConfig.from_diffusers(MICRO)
     teacher_params = torch_to_flax(numpy_state(randomize_(TorchUNet(**MICRO), seed=3)))
     config = UNetConfig.from_diffusers(MICRO_CROSS_24)
-    params, mapping, fresh = make_student(teacher_cfg, teacher_params, config, seed=0)
+    student = build_student(teacher_cfg, teacher_params, config, seed=0)
+    params, mapping, fresh = student.params, student.mapping, student.fresh
     assert fresh == predicted_fresh(teacher_params, teacher_cfg, config)
     assert fresh and all(k.split(".")[-2] in ("to_k", "to_v") and ".attn2." in k for k in fresh)
     assert not set(fresh) & set(mapping)
@@ -202,8 +177,14 @@ def test_pipeline_export_runs_in_diffusers(teacher, teacher_jax, tmp_path):
     assert (out / "vae" / WEIGHTS).read_bytes() == (folder / "vae" / WEIGHTS).read_bytes()
     pipe = StableDiffusionXLPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
-    image = pipe("a koala", num_inference_steps=2, height=64, width=64, output_type="np",
-                 generator=torch.Generator().manual_seed(0)).images
+    image = pipe(
+        "a koala",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert image.shape == (1, 64, 64, 3) and np.all(np.isfinite(image))
 
 
@@ -220,6 +201,7 @@ def test_info_prints_exact_counts(teacher, teacher_jax, capsys):
 
 
 # --------------------------------------------------------------------------------------------- errors
+
 
 def _sd15_folder(tmp_path: Path) -> Path:
     folder = tmp_path / "sd15"
@@ -259,24 +241,41 @@ def _drop(key):
 
 ERROR_CASES = {
     "wrong path": (lambda t, j, p: ["to-jax", "--src", p / "nope", "--out", p / "o"], "no such file or folder"),
-    "non-SDXL config": (lambda t, j, p: ["to-jax", "--src", _sd15_folder(p), "--out", p / "o"],
-                        "not an SDXL-family U-Net"),
+    "non-SDXL config": (
+        lambda t, j, p: ["to-jax", "--src", _sd15_folder(p), "--out", p / "o"],
+        "not an SDXL-family U-Net",
+    ),
     "other model class": (lambda t, j, p: ["to-jax", "--src", t / "vae", "--out", p / "o"], "_class_name"),
-    "missing key": (lambda t, j, p: ["to-jax", "--src", _edited_copy(t, p, _drop("conv_in.bias")), "--out", p / "o"],
-                    "missing key 'conv_in.bias' (model expects shape (32,))"),
-    "mis-shaped key": (lambda t, j, p: ["to-jax", "--src", _edited_copy(
-        t, p, lambda s: {**s, "conv_out.bias": np.zeros(3, np.float32)}), "--out", p / "o"],
-                       "shape mismatch for 'conv_out.bias': checkpoint (3,) vs model (4,)"),
+    "missing key": (
+        lambda t, j, p: ["to-jax", "--src", _edited_copy(t, p, _drop("conv_in.bias")), "--out", p / "o"],
+        "missing key 'conv_in.bias' (model expects shape (32,))",
+    ),
+    "mis-shaped key": (
+        lambda t, j, p: [
+            "to-jax",
+            "--src",
+            _edited_copy(t, p, lambda s: {**s, "conv_out.bias": np.zeros(3, np.float32)}),
+            "--out",
+            p / "o",
+        ],
+        "shape mismatch for 'conv_out.bias': checkpoint (3,) vs model (4,)",
+    ),
     "truncated file": (lambda t, j, p: ["to-jax", "--src", _truncated(t, p), "--out", p / "o"], "truncated"),
     "pickle refused": (lambda t, j, p: ["to-jax", "--src", _pickle(p), "--out", p / "o"], "--allow-pickle"),
     "output exists": (lambda t, j, p: ["to-jax", "--src", t, "--out", j], "already exists"),
-    "--ema without a run": (lambda t, j, p: ["to-diffusers", "--checkpoint", j, "--ema", "--out", p / "o"],
-                            "--ema and --step need a train.py working directory"),
-    "pipeline mismatch": (lambda t, j, p: ["to-diffusers", "--checkpoint", _micro_jax(p), "--pipeline", t,
-                                           "--out", p / "o"], "text encoders give 64-d token embeddings"),
+    "--ema without a run": (
+        lambda t, j, p: ["to-diffusers", "--checkpoint", j, "--ema", "--out", p / "o"],
+        "--ema and --step need a train.py working directory",
+    ),
+    "pipeline mismatch": (
+        lambda t, j, p: ["to-diffusers", "--checkpoint", _micro_jax(p), "--pipeline", t, "--out", p / "o"],
+        "text encoders give 64-d token embeddings",
+    ),
     "unknown preset": (lambda t, j, p: ["info", "koala-2b"], "not a preset"),
-    "pipeline as JAX": (lambda t, j, p: ["student", "--teacher", t, "--variant", "koala-1b", "--pipeline", t,
-                                         "--out", p / "o"], "use it with --format diffusers or both"),
+    "pipeline as JAX": (
+        lambda t, j, p: ["student", "--teacher", t, "--variant", "koala-1b", "--pipeline", t, "--out", p / "o"],
+        "use it with --format diffusers or both",
+    ),
 }
 
 
@@ -304,7 +303,7 @@ def test_failed_write_leaves_previous_output_intact(teacher, tmp_path, monkeypat
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("koala_jax.convert.save_file", disk_full)
+    monkeypatch.setattr("koala_jax.weights.export.save_file", disk_full)
     assert run("to-diffusers", "--checkpoint", teacher[0], "--out", out, "--overwrite", "--dtype", "fp16") == 1
     assert "No space left on device" in capsys.readouterr().err
     assert (out / WEIGHTS).read_bytes() == before

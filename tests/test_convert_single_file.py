@@ -18,21 +18,33 @@ import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-import convert_weights
 from koala_jax import UNetConfig
-from koala_jax.convert import materialize, read_source
-from koala_jax.params_io import load_params
-from koala_jax.safetensors_io import save_file
-from koala_jax.state_dict import torch_to_flax
-from tests.test_convert import assert_trees_equal, numpy_state, run
-from tests.tiny_unets import NO_MID_CONV_PROJ, TINY_TEACHER, randomize_
+from koala_jax.weights import read_source
+from koala_jax.weights.export import materialize
+from koala_jax.weights.params_dir import load_params
+from koala_jax.weights.safetensors import save_file
+from koala_jax.weights.state_dict import torch_to_flax
+
+from tests.conftest import NO_MID_CONV_PROJ, TINY_TEACHER, assert_trees_equal, numpy_state, randomize_, run
 
 LDM = "model.diffusion_model."
-TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-       "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
-       "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
-RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
-          "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+TOP = {
+    "conv_in": "input_blocks.0.0",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "time_emb_proj": "emb_layers.1",
+    "conv_shortcut": "skip_connection",
+}
 MID = {("resnets", 0): 0, ("attentions", 0): 1, ("resnets", 1): 2}
 # Everything the weights do not determine is SDXL-Base's here (32 norm groups, 64 channels per head, 256-d
 # time ids), so the architecture can be inferred from the file alone.
@@ -51,8 +63,10 @@ INFERABLE = {
     "projection_class_embeddings_input_dim": 16 + 6 * 256,
 }
 # Keys of the other models in a whole SDXL checkpoint, which the U-Net reader must ignore.
-OTHER_MODELS = {"first_stage_model.decoder.conv_in.weight": np.ones((4, 4, 3, 3), np.float32),
-                "conditioner.embedders.1.model.positional_embedding": np.ones((77, 8), np.float32)}
+OTHER_MODELS = {
+    "first_stage_model.decoder.conv_in.weight": np.ones((4, 4, 3, 3), np.float32),
+    "conditioner.embedders.1.model.positional_embedding": np.ones((77, 8), np.float32),
+}
 
 
 def original_key(key: str, layers: int, up_with_attention: set[int]) -> str:
@@ -82,8 +96,9 @@ def to_original(state: dict[str, np.ndarray], layers: int) -> dict[str, np.ndarr
     """`state` under original whole-checkpoint keys, checked against diffusers' own converter."""
     up_with_attention = {int(k.split(".")[1]) for k in state if k.startswith("up_blocks.") and ".attentions." in k}
     keys = {k: original_key(k, layers, up_with_attention) for k in state}
-    back = convert_ldm_unet_checkpoint({LDM + o: o for o in keys.values()},
-                                       {"layers_per_block": layers, "addition_embed_type": "text_time"})
+    back = convert_ldm_unet_checkpoint(
+        {LDM + o: o for o in keys.values()}, {"layers_per_block": layers, "addition_embed_type": "text_time"}
+    )
     assert back == keys  # diffusers maps every original key back to the diffusers key it came from.
     return {LDM + keys[k]: v for k, v in state.items()}
 
@@ -100,8 +115,18 @@ def tiny(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
 def test_whole_original_checkpoint_with_config(tiny, tmp_path):
     folder, state = tiny
     save_file({**to_original(state, layers=2), **OTHER_MODELS}, tmp_path / "sd_xl_tiny.safetensors")
-    assert run("to-jax", "--src", tmp_path / "sd_xl_tiny.safetensors", "--config", folder / "config.json",
-               "--out", tmp_path / "jax") == 0
+    assert (
+        run(
+            "to-jax",
+            "--src",
+            tmp_path / "sd_xl_tiny.safetensors",
+            "--config",
+            folder / "config.json",
+            "--out",
+            tmp_path / "jax",
+        )
+        == 0
+    )
     config, params = load_params(tmp_path / "jax")
     assert config == UNetConfig.from_diffusers(TINY_TEACHER)
     assert_trees_equal(params, torch_to_flax(state))
@@ -111,7 +136,7 @@ def test_whole_original_checkpoint_with_config(tiny, tmp_path):
 def test_config_inferred_from_a_single_file(keys, tmp_path):
     """(The CLI path from a source to a JAX dir is the same for every source: tested above.)"""
     state = numpy_state(randomize_(TorchUNet(**INFERABLE), seed=5))
-    tensors = {k[len(LDM):]: v for k, v in to_original(state, 2).items()} if keys.startswith("original") else state
+    tensors = {k[len(LDM) :]: v for k, v in to_original(state, 2).items()} if keys.startswith("original") else state
     save_file(tensors, tmp_path / "unet.safetensors")
     config, params = read_source(tmp_path / "unet.safetensors")
     assert config == UNetConfig.from_diffusers(INFERABLE)
@@ -135,10 +160,12 @@ def test_single_file_errors(tmp_path, capsys):
     save_file(state, tmp_path / "conv_proj.safetensors")  # 16-channel attention stage: not SDXL's head size.
     save_file(OTHER_MODELS, tmp_path / "vae_only.safetensors")
     (tmp_path / "weights.npz").write_bytes(b"")
-    cases = {"conv_proj.safetensors": "not a multiple of SDXL's 64 channels per head; pass --config",
-             "vae_only.safetensors": "no U-Net weights found",
-             "weights.npz": "unknown weights format '.npz'"}
+    cases = {
+        "conv_proj.safetensors": "not a multiple of SDXL's 64 channels per head; pass --config",
+        "vae_only.safetensors": "no U-Net weights found",
+        "weights.npz": "unknown weights format '.npz'",
+    }
     for name, message in cases.items():
-        assert convert_weights.main(["to-jax", "--src", str(tmp_path / name), "--out", str(tmp_path / "o")]) == 1
+        assert run("to-jax", "--src", tmp_path / name, "--out", tmp_path / "o") == 1
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and "Traceback" not in err

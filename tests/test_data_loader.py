@@ -52,11 +52,7 @@ def write_prepared(data_dir: str, shard_sizes: list[int], corrupt: int | None = 
         path = os.path.join(data_dir, schema.shard_filename(shard, len(shard_sizes)))
         writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
         for _ in range(size):
-            record = (
-                b"\x00garbage" * 8
-                if index == corrupt
-                else features.serialize_example(_record(index))
-            )
+            record = b"\x00garbage" * 8 if index == corrupt else features.serialize_example(_record(index))
             writer.write(record)
             index += 1
         writer.close()
@@ -103,10 +99,7 @@ def test_batches_have_the_training_schema(prepared):
     ]  # SDXL's add_time_ids order
     assert (batch["prompt_embeds"][0] == -i).all()
     null = load_null_embeddings(prepared)
-    assert (
-        null["prompt_embeds"].shape == (77, TEXT_DIM)
-        and null["pooled_prompt_embeds"].dtype == np.float32
-    )
+    assert null["prompt_embeds"].shape == (77, TEXT_DIM) and null["pooled_prompt_embeds"].dtype == np.float32
 
 
 def test_synthetic_source_is_deterministic_per_index():
@@ -171,6 +164,8 @@ def test_restore_continues_with_the_exact_next_batch(prepared):
         _assert_same_batches([next(restored) for _ in range(4)], expected)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_restore_with_worker_processes_through_grains_orbax_handler(prepared, tmp_path):
     source = open_source(prepared)
     loader = _loader(source, num_workers=2)
@@ -178,9 +173,7 @@ def test_restore_with_worker_processes_through_grains_orbax_handler(prepared, tm
         next(loader)
     directory = epath.Path(tmp_path / "iterator")
     directory.mkdir()
-    grain.checkpoint.CheckpointHandler().save(
-        directory, args=grain.checkpoint.CheckpointSave(loader)
-    )
+    grain.checkpoint.CheckpointHandler().save(directory, args=grain.checkpoint.CheckpointSave(loader))
     expected = [next(loader) for _ in range(4)]
     loader.close()
     restored = grain.checkpoint.CheckpointHandler().restore(
@@ -254,9 +247,7 @@ _SHARDING_SCRIPT = """
 
 
 def test_batches_land_on_the_mesh_with_the_intended_sharding():
-    process = _run_python(
-        _SHARDING_SCRIPT, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    )
+    process = _run_python(_SHARDING_SCRIPT, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 0 and output.strip().endswith("OK"), output
 
@@ -284,14 +275,14 @@ _TWO_PROCESS_SCRIPT = """
 """
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_assemble_one_global_batch():
     import portpicker
 
     port = portpicker.pick_unused_port()
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    processes = [
-        _run_python(_TWO_PROCESS_SCRIPT.format(port=port, process_id=i), env) for i in range(2)
-    ]
+    processes = [_run_python(_TWO_PROCESS_SCRIPT.format(port=port, process_id=i), env) for i in range(2)]
     outputs = [process.communicate(timeout=120)[0] for process in processes]
     for process, output in zip(processes, outputs, strict=True):
         assert process.returncode == 0 and output.strip().endswith("OK"), output

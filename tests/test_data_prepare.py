@@ -21,7 +21,7 @@ from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPi
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-import prepare_data
+from koala_jax.cli import prepare as prepare_data
 from koala_jax.data import (
     images,
     ingest,
@@ -30,7 +30,7 @@ from koala_jax.data import (
     prepare,
     schema,
 )
-from koala_jax.tiny_pipeline import (
+from koala_jax.pipelines.tiny import (
     TINY_CROSS_ATTENTION_DIM,
     TINY_POOLED_DIM,
     save_tiny_sdxl_components,
@@ -103,9 +103,7 @@ def write_table(root: str) -> str:
         filename = name + _suffix(data)
         kind = ["relative", "absolute", "url"][i % 3]
         # A URL's download sits in the image root (the table's folder) under its file name.
-        path = (
-            os.path.join(root, filename) if kind == "url" else os.path.join(root, "files", filename)
-        )
+        path = os.path.join(root, filename) if kind == "url" else os.path.join(root, "files", filename)
         with open(path, "wb") as f:
             f.write(data)
         cell = {
@@ -135,9 +133,7 @@ def write_webdataset(root: str) -> str:
             for name, data, caption in records:
                 _add_tar_member(tar, f"s{shard}/{name}{_suffix(data)}", data)
                 text = json.dumps({"caption": caption}) if name == "b" else caption
-                _add_tar_member(
-                    tar, f"s{shard}/{name}." + ("json" if name == "b" else "txt"), text.encode()
-                )
+                _add_tar_member(tar, f"s{shard}/{name}." + ("json" if name == "b" else "txt"), text.encode())
     truncated = os.path.join(root, "shards", "shard-0002.tar")
     with open(truncated, "r+b") as f:
         f.truncate(os.path.getsize(truncated) // 3)
@@ -164,9 +160,7 @@ def write_tfds(root: str) -> str:
         split="train",
         filetype_suffix="array_record",
     )
-    split = tfds.core.SplitInfo(
-        name="train", shard_lengths=[len(RECORDS)], num_bytes=0, filename_template=template
-    )
+    split = tfds.core.SplitInfo(name="train", shard_lengths=[len(RECORDS)], num_bytes=0, filename_template=template)
     tfds.folder_dataset.write_metadata(
         data_dir=data_dir,
         features=features,
@@ -208,9 +202,7 @@ def sdxl_components(teacher) -> dict:
     return {
         "vae": AutoencoderKL.from_pretrained(os.path.join(teacher, "vae")),
         "text_encoder": CLIPTextModel.from_pretrained(os.path.join(teacher, "text_encoder")),
-        "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
-            os.path.join(teacher, "text_encoder_2")
-        ),
+        "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(os.path.join(teacher, "text_encoder_2")),
         "tokenizer": CLIPTokenizer.from_pretrained(os.path.join(teacher, "tokenizer")),
         "tokenizer_2": CLIPTokenizer.from_pretrained(os.path.join(teacher, "tokenizer_2")),
         "scheduler": EulerDiscreteScheduler.from_pretrained(os.path.join(teacher, "scheduler")),
@@ -358,9 +350,7 @@ def test_prepare_each_form(tmp_path, teacher, kind):
 def test_encodings_equal_direct_calls_of_the_teacher(tmp_path, teacher, sdxl_components):
     """Latents = VAE posterior mean * scaling factor; text = diffusers' encode_prompt."""
     output = str(tmp_path / "out")
-    prepare.prepare_dataset(
-        ingest.open_collection(write_folder(str(tmp_path))), _config(output, teacher)
-    )
+    prepare.prepare_dataset(ingest.open_collection(write_folder(str(tmp_path))), _config(output, teacher))
     records = _read_all(output)
     vae = sdxl_components["vae"]
     for _, data, caption in GOOD:
@@ -370,25 +360,15 @@ def test_encodings_equal_direct_calls_of_the_teacher(tmp_path, teacher, sdxl_com
         np.testing.assert_allclose(records[caption]["latents"], expected, rtol=2e-3, atol=2e-3)
     pipeline = StableDiffusionXLPipeline(**sdxl_components)
     captions = [caption for _, _, caption in GOOD]
-    embeds, _, pooled, _ = pipeline.encode_prompt(
-        captions, device="cpu", do_classifier_free_guidance=False
-    )
+    embeds, _, pooled, _ = pipeline.encode_prompt(captions, device="cpu", do_classifier_free_guidance=False)
     for i, caption in enumerate(captions):
-        np.testing.assert_allclose(
-            records[caption]["prompt_embeds"], embeds[i].numpy(), rtol=2e-3, atol=2e-3
-        )
-        np.testing.assert_allclose(
-            records[caption]["pooled_prompt_embeds"], pooled[i].numpy(), rtol=2e-3, atol=2e-3
-        )
+        np.testing.assert_allclose(records[caption]["prompt_embeds"], embeds[i].numpy(), rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(records[caption]["pooled_prompt_embeds"], pooled[i].numpy(), rtol=2e-3, atol=2e-3)
     null = load_null_embeddings(output)
-    null_embeds, _, null_pooled, _ = pipeline.encode_prompt(
-        "", device="cpu", do_classifier_free_guidance=False
-    )
+    null_embeds, _, null_pooled, _ = pipeline.encode_prompt("", device="cpu", do_classifier_free_guidance=False)
     assert null["prompt_embeds"].dtype == np.float32
     np.testing.assert_allclose(null["prompt_embeds"], null_embeds[0].numpy(), rtol=2e-3, atol=2e-3)
-    np.testing.assert_allclose(
-        null["pooled_prompt_embeds"], null_pooled[0].numpy(), rtol=2e-3, atol=2e-3
-    )
+    np.testing.assert_allclose(null["pooled_prompt_embeds"], null_pooled[0].numpy(), rtol=2e-3, atol=2e-3)
 
 
 class _Crash(Exception):
@@ -419,9 +399,7 @@ def test_crash_leaves_no_complete_looking_shard_and_rerun_resumes(tmp_path, teac
         open_source(output)
 
     calls.clear()
-    monkeypatch.setattr(
-        prepare.TeacherEncoders, "encode_images", lambda s, p: calls.append(len(p)) or encode(s, p)
-    )
+    monkeypatch.setattr(prepare.TeacherEncoders, "encode_images", lambda s, p: calls.append(len(p)) or encode(s, p))
     report = prepare.prepare_dataset(collection, config)
     assert sum(calls) == len(_kept_inputs(collection, config, (2, 3, 4)))  # shards 0, 1 skipped
     assert report.kept == EXPECTED["kept"] and dict(report.unreadable) == EXPECTED["unreadable"]
@@ -453,14 +431,9 @@ def test_resume_refuses_other_settings(tmp_path, teacher):
 def test_tasks_split_the_shards(tmp_path, teacher):
     collection = ingest.open_collection(write_folder(str(tmp_path)))
     output = str(tmp_path / "out")
-    assert (
-        prepare.prepare_dataset(collection, _config(output, teacher, task_index=0, task_count=2))
-        is None
-    )
+    assert prepare.prepare_dataset(collection, _config(output, teacher, task_index=0, task_count=2)) is None
     assert not os.path.exists(os.path.join(output, "dataset_info.json"))
-    report = prepare.prepare_dataset(
-        collection, _config(output, teacher, task_index=1, task_count=2)
-    )
+    report = prepare.prepare_dataset(collection, _config(output, teacher, task_index=1, task_count=2))
     assert report.kept == EXPECTED["kept"]
     assert len(open_source(output)) == EXPECTED["kept"]
 

@@ -9,7 +9,7 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from koala_jax.tiny_pipeline import (
+from koala_jax.pipelines.tiny import (
     TINY_CROSS_ATTENTION_DIM,
     TINY_POOLED_DIM,
     save_tiny_sdxl_components,
@@ -62,10 +62,7 @@ def test_same_seed_same_weights(tmp_path):
     save_tiny_sdxl_components(str(tmp_path / "a"), seed=1)
     save_tiny_sdxl_components(str(tmp_path / "b"), seed=1)
     save_tiny_sdxl_components(str(tmp_path / "c"), seed=2)
-    weights = [
-        CLIPTextModel.from_pretrained(str(tmp_path / d / "text_encoder")).state_dict()
-        for d in "abc"
-    ]
+    weights = [CLIPTextModel.from_pretrained(str(tmp_path / d / "text_encoder")).state_dict() for d in "abc"]
     key = "embeddings.token_embedding.weight"
     assert torch.equal(weights[0][key], weights[1][key])
     assert not torch.equal(weights[0][key], weights[2][key])

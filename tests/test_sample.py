@@ -13,9 +13,10 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from PIL import Image
 
-import sample
-from koala_jax.sampling import PRESETS, make_scheduler
-from tests.test_convert import build_teacher_pipeline, one_torch_thread, run  # noqa: F401 (autouse fixture)
+from koala_jax.cli import sample
+from koala_jax.pipelines.sampling import PRESETS, make_scheduler
+
+from tests.conftest import build_teacher_pipeline, run
 
 
 @pytest.fixture(autouse=True)
@@ -37,8 +38,30 @@ def pipelines(tmp_path_factory) -> tuple[Path, Path]:
 def test_images_carry_prompt_and_settings(pipelines, tmp_path, capsys):
     _, exported = pipelines
     out = tmp_path / "samples"
-    assert sample.main(["--model", str(exported), "--prompt", "a koala", "--prompt", "a cat", "--steps", "2",
-                        "--height", "64", "--width", "64", "--seed", "3", "--out", str(out), "--grid"]) == 0
+    assert (
+        sample.main(
+            [
+                "--model",
+                str(exported),
+                "--prompt",
+                "a koala",
+                "--prompt",
+                "a cat",
+                "--steps",
+                "2",
+                "--height",
+                "64",
+                "--width",
+                "64",
+                "--seed",
+                "3",
+                "--out",
+                str(out),
+                "--grid",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert "no GPU found" in captured.err and "s per image" in captured.out
     assert sorted(p.name for p in out.iterdir()) == ["0000.png", "0001.png", "grid.png"]
@@ -61,8 +84,22 @@ def test_unet_flag_prompts_file_and_seed_reproduce_the_image(pipelines, tmp_path
     prompts.write_text("\na koala\n\n")
     common = ["--steps", "2", "--height", "64", "--width", "64", "--seed", "3"]
     assert sample.main(["--model", str(exported), "--prompt", "a koala", *common, "--out", str(tmp_path / "a")]) == 0
-    assert sample.main(["--model", str(teacher), "--unet", str(exported / "unet"), "--prompts-file", str(prompts),
-                        *common, "--out", str(tmp_path / "b")]) == 0
+    assert (
+        sample.main(
+            [
+                "--model",
+                str(teacher),
+                "--unet",
+                str(exported / "unet"),
+                "--prompts-file",
+                str(prompts),
+                *common,
+                "--out",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 0
+    )
     a, b = (np.asarray(Image.open(tmp_path / d / "0000.png")) for d in "ab")
     np.testing.assert_array_equal(a, b)
 

@@ -18,25 +18,38 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from koala_jax.train.checkpoint import Checkpointer, restore_params
+from koala_jax.train.checkpoint import Checkpointer
+from koala_jax.weights.training_run import restore_params
+
+from tests.conftest import MICRO_TEACHER, run
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # Every test here trains in subprocesses.
 STEPS = 6
 
 
 def start_worker(workdir: Path, *args: str) -> subprocess.Popen:
+    """tests/train_worker.py on the micro teacher in its own process."""
     # Workers share a compilation cache: the runs of one mesh compile the same step.
     cache = Path(tempfile.gettempdir()) / "koala_jax_test_compile_cache"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_COMPILATION_CACHE_DIR": str(cache)}
-    return subprocess.Popen([sys.executable, "-m", "tests.train_worker", str(workdir), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache)}
+    teacher = Path(workdir).parent / f"{Path(workdir).name}_micro_teacher.json"
+    teacher.write_text(json.dumps(MICRO_TEACHER))
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.train_worker", str(workdir), "--teacher", str(teacher), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[list[dict], str]:
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-3000:]
-    line = next(l for l in out.splitlines() if l.startswith("HISTORY "))
-    return json.loads(line[len("HISTORY "):]), out
+    line = next(row for row in out.splitlines() if row.startswith("HISTORY "))
+    return json.loads(line[len("HISTORY ") :]), out
 
 
 def wait_for_line(proc: subprocess.Popen, prefix: str, timeout: float = 600) -> list[str]:
@@ -58,8 +71,10 @@ def load_params(workdir: Path) -> dict[str, np.ndarray]:
 def straight_and_sharded(tmp_path_factory):
     """The same run on 1 device and on 8 fake devices with a data=4 x fsdp=2 mesh (in parallel)."""
     one, eight = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("eight")
-    procs = [start_worker(one, "--steps", str(STEPS)),
-             start_worker(eight, "--steps", str(STEPS), "--devices", "8", "--mesh", "4,2")]
+    procs = [
+        start_worker(one, "--steps", str(STEPS)),
+        start_worker(eight, "--steps", str(STEPS), "--devices", "8", "--mesh", "4,2"),
+    ]
     (h1, _), (h8, _) = (finish(p) for p in procs)
     return (one, h1), (eight, h8)
 
@@ -79,8 +94,10 @@ def test_kd_losses_go_down(straight_and_sharded):
     """Per-step losses are noisy (random t and noise): compare the mean KD loss of the two halves."""
     (_, h1), _ = straight_and_sharded
     kd = [r["out_kd"] + r["feat_kd"] for r in h1]
-    first, second = np.mean(kd[: STEPS // 2]), np.mean(kd[STEPS // 2:])
-    print(f"out_kd + feat_kd, mean of steps 1-{STEPS // 2}: {first:.3f}, of steps {STEPS // 2 + 1}-{STEPS}: {second:.3f}")
+    first, second = np.mean(kd[: STEPS // 2]), np.mean(kd[STEPS // 2 :])
+    print(
+        f"out_kd + feat_kd, mean of steps 1-{STEPS // 2}: {first:.3f}, of steps {STEPS // 2 + 1}-{STEPS}: {second:.3f}"
+    )
     assert second < 0.9 * first
 
 
@@ -106,7 +123,7 @@ def test_sigterm_then_resume_equals_straight_run(straight_and_sharded, tmp_path)
 
 
 def test_kill_9_during_saves_leaves_a_restorable_checkpoint(tmp_path):
-    proc = start_worker(tmp_path, "--steps", "50", "--set", "ckpt_every=1")
+    proc = start_worker(tmp_path, "--steps", "50", "--set", "ckpt.every=1")
     wait_for_line(proc, "step 4/")
     proc.kill()
     proc.wait()
@@ -128,10 +145,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.multiprocess
 def test_two_processes_train_and_checkpoint(tmp_path):
     address = f"localhost:{free_port()}"
-    procs = [start_worker(tmp_path, "--steps", "3", "--devices", "2", "--mesh", "2,2", "--coordinator", address,
-                          "--num-processes", "2", "--process-id", str(i)) for i in range(2)]
+    procs = [
+        start_worker(
+            tmp_path,
+            "--steps",
+            "3",
+            "--devices",
+            "2",
+            "--mesh",
+            "2,2",
+            "--coordinator",
+            address,
+            "--num-processes",
+            "2",
+            "--process-id",
+            str(i),
+        )
+        for i in range(2)
+    ]
     (h0, _), _ = (finish(p) for p in procs)
     assert [r["step"] for r in h0] == [1, 2, 3] and all(np.isfinite(r["total"]) for r in h0)
     assert Checkpointer(tmp_path, every=2, keep=3).latest_step() == 3
@@ -142,8 +176,9 @@ def test_two_processes_train_and_checkpoint(tmp_path):
 
 def test_nan_loss_stops_with_error_and_keeps_last_good_checkpoint(tmp_path):
     """A huge learning rate makes step 2 non-finite: a clear error, the step-1 checkpoint stays."""
-    proc = start_worker(tmp_path, "--steps", "5", "--set", "ckpt_every=1", "--set", "optim.lr=1e30",
-                        "--set", "optim.grad_clip=0.0")
+    proc = start_worker(
+        tmp_path, "--steps", "5", "--set", "ckpt.every=1", "--set", "optim.lr=1e30", "--set", "optim.grad_clip=0.0"
+    )
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode != 0
     assert "non-finite loss or gradient at step" in out and "last good checkpoint" in out
@@ -158,12 +193,11 @@ def test_export_training_run_to_diffusers(straight_and_sharded, tmp_path):
     import torch
     from diffusers import UNet2DConditionModel as TorchUNet
 
-    import convert_weights
-
     (one, _), _ = straight_and_sharded
-    assert convert_weights.main(["to-diffusers", "--checkpoint", str(one), "--ema", "--out", str(tmp_path / "export")]) == 0
+    assert run("to-diffusers", "--checkpoint", one, "--ema", "--out", tmp_path / "export") == 0
     model = TorchUNet.from_pretrained(tmp_path / "export")
     _, ema = restore_params(one, ema=True)
-    np.testing.assert_array_equal(model.state_dict()["conv_in.weight"].numpy(),
-                                  np.transpose(ema["conv_in"]["kernel"], (3, 2, 0, 1)))
+    np.testing.assert_array_equal(
+        model.state_dict()["conv_in.weight"].numpy(), np.transpose(ema["conv_in"]["kernel"], (3, 2, 0, 1))
+    )
     assert isinstance(model.state_dict()["conv_out.bias"], torch.Tensor) and model.config.mid_block_type is None

@@ -13,12 +13,18 @@ from koala_jax import UNetConfig, derive_student_config
 from koala_jax.train.losses import LossWeights, feature_pairs, kd_losses
 from koala_jax.train.noise import NoiseSchedule
 from koala_jax.train.sharding import fsdp_spec, make_mesh
-from tests.tiny_unets import TINY_TEACHER
+
+from tests.conftest import TINY_TEACHER
 
 
 def test_noise_schedule_matches_diffusers_sdxl_scheduler():
-    ref = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
-                        prediction_type="v_prediction")
+    ref = DDPMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        num_train_timesteps=1000,
+        prediction_type="v_prediction",
+    )
     ours = NoiseSchedule(prediction_type="v_prediction")
     np.testing.assert_allclose(ours.alphas_cumprod, ref.alphas_cumprod.numpy(), rtol=1e-6)
     g = np.random.default_rng(0)
@@ -43,8 +49,15 @@ def test_kd_losses_by_hand():
     s_out, t_out, target = jnp.full((1, 2), 1.0), jnp.array([[1.0, 3.0]]), jnp.zeros((1, 2))
     s_feats = {"a.attn1": jnp.array([[0.0, 0.0]]), "b.attn1": jnp.array([[2.0]])}
     t_feats = {"a.attn1": jnp.array([[1.0, 1.0]]), "B.attn1": jnp.array([[0.0]])}
-    terms = kd_losses(s_out, t_out, target, s_feats, t_feats, {"a.attn1": "a.attn1", "b.attn1": "B.attn1"},
-                      LossWeights(task=0.5, out=2.0, feat=3.0))
+    terms = kd_losses(
+        s_out,
+        t_out,
+        target,
+        s_feats,
+        t_feats,
+        {"a.attn1": "a.attn1", "b.attn1": "B.attn1"},
+        LossWeights(task=0.5, out=2.0, feat=3.0),
+    )
     assert float(terms["task"]) == 1.0  # mean((1-0)^2)
     assert float(terms["out_kd"]) == 2.0  # mean(0, 4)
     assert float(terms["feat_kd"]) == 5.0  # 1 (pair a) + 4 (pair b)
@@ -56,15 +69,22 @@ def test_kd_losses_by_hand():
 def test_feature_pairs_follow_student_init():
     teacher = UNetConfig.from_diffusers(TINY_TEACHER)
     student = derive_student_config(teacher, "koala-700m")
-    t_shapes = {"up_blocks.0.attentions.2.transformer_blocks.1.attn1": (1, 4, 128),
-                "up_blocks.0.attentions.0.transformer_blocks.1.attn1": (1, 4, 128)}
-    s_shapes = {"up_blocks.0.attentions.1.transformer_blocks.1.attn1": (1, 4, 128),
-                "up_blocks.0.attentions.0.transformer_blocks.1.attn1": (1, 4, 128)}
+    t_shapes = {
+        "up_blocks.0.attentions.2.transformer_blocks.1.attn1": (1, 4, 128),
+        "up_blocks.0.attentions.0.transformer_blocks.1.attn1": (1, 4, 128),
+    }
+    s_shapes = {
+        "up_blocks.0.attentions.1.transformer_blocks.1.attn1": (1, 4, 128),
+        "up_blocks.0.attentions.0.transformer_blocks.1.attn1": (1, 4, 128),
+    }
     pairs = feature_pairs(s_shapes, t_shapes, teacher, student)
-    assert pairs == {"up_blocks.0.attentions.1.transformer_blocks.1.attn1": "up_blocks.0.attentions.2.transformer_blocks.1.attn1",
-                     "up_blocks.0.attentions.0.transformer_blocks.1.attn1": "up_blocks.0.attentions.0.transformer_blocks.1.attn1"}
+    assert pairs == {
+        "up_blocks.0.attentions.1.transformer_blocks.1.attn1": "up_blocks.0.attentions.2.transformer_blocks.1.attn1",
+        "up_blocks.0.attentions.0.transformer_blocks.1.attn1": "up_blocks.0.attentions.0.transformer_blocks.1.attn1",
+    }
     assert list(feature_pairs(s_shapes, t_shapes, teacher, student, pattern=r"attentions\.0")) == [
-        "up_blocks.0.attentions.0.transformer_blocks.1.attn1"]
+        "up_blocks.0.attentions.0.transformer_blocks.1.attn1"
+    ]
     with pytest.raises(ValueError, match="no teacher partner"):
         feature_pairs({"mid_block.attentions.0.transformer_blocks.0.attn1": (1, 4, 128)}, t_shapes, teacher, student)
 
@@ -83,8 +103,9 @@ def test_preview_sampler_timesteps_and_sigmas_match_diffusers_euler_trailing():
 
     from koala_jax.train.preview import euler_timesteps, grid, latent_preview
 
-    ref = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                 timestep_spacing="trailing")
+    ref = EulerDiscreteScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="trailing"
+    )
     ref.set_timesteps(10)
     ts = euler_timesteps(NoiseSchedule(), 10)
     np.testing.assert_array_equal(ts, ref.timesteps.numpy().astype(np.int64))

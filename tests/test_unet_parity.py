@@ -6,61 +6,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 
 from koala_jax import ForwardOptions, UNet2DConditionModel, UNetConfig
 from koala_jax.models.common import CAPTURE_KINDS
-from koala_jax.state_dict import torch_to_flax
-from tests.tiny_unets import MICRO, NO_MID_CONV_PROJ, SDXL_LIKE, randomize_
+from koala_jax.weights.state_dict import torch_to_flax
+
+from tests.conftest import MICRO, NO_MID_CONV_PROJ, SDXL_LIKE, make_inputs, randomize_, rel_err, torch_forward
 
 TOL = 1e-5
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
-def make_inputs(cfg: dict, batch: int, h: int, w: int, per_sample_t: bool, seed: int = 0) -> dict:
-    g = np.random.default_rng(seed)
-    pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
-    t = g.uniform(0, 999, size=(batch,)) if per_sample_t else np.array(637.0)
-    return {
-        "sample": g.standard_normal((batch, cfg.get("in_channels", 4), h, w)).astype(np.float32),
-        "timesteps": t.astype(np.float32),
-        "encoder_hidden_states": g.standard_normal((batch, 7, cfg["cross_attention_dim"])).astype(np.float32),
-        "text_embeds": g.standard_normal((batch, pooled)).astype(np.float32),
-        "time_ids": np.tile(np.array([[h * 8, w * 8, 0, 0, h * 8, w * 8]], np.float32), (batch, 1))
-        + g.integers(0, 64, size=(batch, 6)).astype(np.float32),
-    }
-
-
-def torch_forward(model: TorchUNet, x: dict, capture: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Output and, via forward hooks, every feature kind keyed by module path (NHWC for spatial ones)."""
-    feats, hooks = {}, []
-
-    def hook(name):
-        def fn(_module, _inputs, out):
-            out = out[0] if isinstance(out, tuple) else out
-            feats[name] = (out.permute(0, 2, 3, 1) if out.ndim == 4 else out).detach().numpy()
-        return fn
-
-    if capture:
-        for name, module in model.named_modules():
-            last = name.split(".")[-1]
-            is_resnet = ".resnets." in name and last.isdigit()
-            is_stage = name == "mid_block" or (name.count(".") == 1 and name.split(".")[0] in ("down_blocks", "up_blocks"))
-            if last in ("attn1", "attn2", "ff") or is_resnet or is_stage:
-                hooks.append(module.register_forward_hook(hook(name)))
-    with torch.no_grad():
-        out = model(torch.from_numpy(x["sample"]), torch.from_numpy(x["timesteps"]),
-                    torch.from_numpy(x["encoder_hidden_states"]),
-                    added_cond_kwargs={"text_embeds": torch.from_numpy(x["text_embeds"]),
-                                       "time_ids": torch.from_numpy(x["time_ids"])}).sample
-    for h in hooks:
-        h.remove()
-    return out.numpy(), feats
 
 
 @pytest.fixture(scope="module", params=["sdxl_like", "no_mid_conv_proj"])
@@ -100,6 +54,7 @@ def test_features_match_diffusers(pair):
     assert rel_err(out, want_out) <= TOL
 
 
+@pytest.mark.slow
 def test_capture_does_not_change_default_outputs(pair):
     cfg, _, config, params = pair
     x = make_inputs(cfg, 1, 8, 8, False)
@@ -113,6 +68,7 @@ def test_capture_does_not_change_default_outputs(pair):
     np.testing.assert_array_equal(np.asarray(plain), np.asarray(again))
 
 
+@pytest.mark.slow
 def test_remat_and_bf16_compute():
     """Rematerialisation changes no value or gradient; bf16 compute with fp32 params stays close."""
     config = UNetConfig.from_diffusers(MICRO)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import jax
 import numpy as np
 import pytest
 import torch
@@ -12,11 +11,12 @@ from diffusers import UNet2DConditionModel as TorchUNet
 from flax.traverse_util import flatten_dict
 
 import koala_jax
-from koala_jax.loading import abstract_params
+from koala_jax.models import abstract_params
 from koala_jax.models.config import UnsupportedConfigError
-from koala_jax.presets import PARAM_COUNTS
-from koala_jax.state_dict import StateDictError, flax_to_torch, torch_to_flax
-from tests.tiny_unets import NO_MID_CONV_PROJ, SDXL_LIKE, TINY_TEACHER, randomize_
+from koala_jax.students.presets import PARAM_COUNTS
+from koala_jax.weights.state_dict import StateDictError, flax_to_torch, torch_shapes, torch_to_flax
+
+from tests.conftest import NO_MID_CONV_PROJ, SDXL_LIKE, TINY_TEACHER, randomize_
 
 
 @pytest.mark.parametrize("name", ["sdxl-base", "koala-1b", "koala-700m"])
@@ -32,13 +32,7 @@ def test_full_size_shapes_match_diffusers(name):
     with torch.device("meta"):
         ref = TorchUNet(**koala_jax.preset(name).to_diffusers())
     want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
-    got = {k: v.shape for k, v in flax_to_torch_shapes(abstract_params(koala_jax.preset(name))).items()}
-    assert got == want
-
-
-def flax_to_torch_shapes(tree) -> dict:
-    zeros = jax.tree.map(lambda s: np.broadcast_to(np.zeros((), s.dtype), s.shape), tree)
-    return flax_to_torch(zeros)
+    assert torch_shapes(abstract_params(koala_jax.preset(name))) == want
 
 
 def test_student_derivation_from_tiny_teacher():
@@ -60,8 +54,10 @@ def test_state_dict_round_trip_is_bit_identical(cfg):
     sd = {k: v.numpy() for k, v in model.state_dict().items()}
     config = koala_jax.UNetConfig.from_diffusers(dict(model.config))
     params = torch_to_flax(sd, expected=abstract_params(config))
-    assert flatten_dict(params)[("down_blocks_1", "attentions_0", "transformer_blocks_1", "attn1", "to_q", "kernel")].shape \
+    assert (
+        flatten_dict(params)[("down_blocks_1", "attentions_0", "transformer_blocks_1", "attn1", "to_q", "kernel")].shape
         == sd["down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q.weight"].T.shape
+    )
     back = flax_to_torch(params)
     assert back.keys() == sd.keys()
     for k in sd:
@@ -80,8 +76,11 @@ def test_state_dict_errors_name_key_and_shapes():
     with pytest.raises(StateDictError, match=r"unexpected key 'mid_block.resnets.2.conv1.weight'"):
         torch_to_flax(extra, expected)
     bad = {**sd, "conv_out.weight": np.zeros((4, 32, 1, 1), np.float32)}
-    with pytest.raises(StateDictError, match=r"shape mismatch for 'conv_out.weight': checkpoint \(4, 32, 1, 1\) "
-                                             r"vs model \(4, 32, 3, 3\)"):
+    with pytest.raises(
+        StateDictError,
+        match=r"shape mismatch for 'conv_out.weight': checkpoint \(4, 32, 1, 1\) "
+        r"vs model \(4, 32, 3, 3\)",
+    ):
         torch_to_flax(bad, expected)
 
 
@@ -91,8 +90,9 @@ def test_unsupported_config_fields_are_refused_by_name():
     with pytest.raises(UnsupportedConfigError, match="'some_new_option'"):
         koala_jax.UNetConfig.from_diffusers({**SDXL_LIKE, "some_new_option": 3})
     with pytest.raises(UnsupportedConfigError, match="'down_block_types'.*'SimpleCrossAttnDownBlock2D'"):
-        koala_jax.UNetConfig.from_diffusers({**SDXL_LIKE, "down_block_types": ["DownBlock2D", "SimpleCrossAttnDownBlock2D",
-                                                                                 "CrossAttnDownBlock2D"]})
+        koala_jax.UNetConfig.from_diffusers(
+            {**SDXL_LIKE, "down_block_types": ["DownBlock2D", "SimpleCrossAttnDownBlock2D", "CrossAttnDownBlock2D"]}
+        )
     with pytest.raises(UnsupportedConfigError, match="'layers_per_block' has 2 entries"):
         koala_jax.UNetConfig.from_diffusers({**SDXL_LIKE, "layers_per_block": [1, 2]})
     # A full diffusers config.json (every field written out at its default) is accepted.
@@ -103,12 +103,15 @@ def test_unsupported_config_fields_are_refused_by_name():
 @pytest.mark.parametrize("shard", [False, True])
 def test_load_unet_from_diffusers_folder(tmp_path, shard):
     model = randomize_(TorchUNet(**SDXL_LIKE))
-    model.save_pretrained(tmp_path / "pipe" / "unet", safe_serialization=True,
-                          **({"max_shard_size": "200KB"} if shard else {}))
+    model.save_pretrained(
+        tmp_path / "pipe" / "unet", safe_serialization=True, **({"max_shard_size": "200KB"} if shard else {})
+    )
     if shard:
         assert (tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors.index.json").exists()
     unet, params = koala_jax.load_unet(tmp_path / "pipe")  # a pipeline folder: finds unet/
-    assert unet.config == koala_jax.UNetConfig.from_diffusers(json.loads((tmp_path / "pipe/unet/config.json").read_text()))
+    assert unet.config == koala_jax.UNetConfig.from_diffusers(
+        json.loads((tmp_path / "pipe/unet/config.json").read_text())
+    )
     back = flax_to_torch(params)
     for k, v in model.state_dict().items():
         np.testing.assert_array_equal(back[k], v.numpy())

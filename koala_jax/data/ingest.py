@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from koala_jax.data import images
+from koala_jax.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CAPTION_SUFFIXES = (".txt", ".json")
@@ -236,7 +237,7 @@ class FolderCollection:
             if name.lower().endswith(IMAGE_SUFFIXES)
         )
         if not self._images:
-            raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
+            raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
         self.description = f"folder:{os.path.abspath(root)}"
         self.skipped_shards: list[str] = []
 
@@ -249,9 +250,7 @@ class FolderCollection:
             if os.path.exists(stem + suffix):
                 data = _read_file(stem + suffix, "missing_caption")
                 return parse_caption(data, suffix, self._caption_key, stem + suffix)
-        raise Unreadable(
-            "missing_caption", image_path, f"no {' or '.join(CAPTION_SUFFIXES)} beside it"
-        )
+        raise Unreadable("missing_caption", image_path, f"no {' or '.join(CAPTION_SUFFIXES)} beside it")
 
     def load(self, index: int) -> RawRecord:
         path = self._images[index]
@@ -292,7 +291,7 @@ class TableCollection:
         table = _read_table(path)
         missing = [c for c in (image_column, caption_column) if c not in table.columns]
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"{path} has no column {missing}; its columns are {list(table.columns)} "
                 "(choose with --image-column / --caption-column)"
             )
@@ -378,7 +377,7 @@ class WebDatasetCollection:
         self.skipped_shards: list[str] = []
         tar_paths = _expand_tar_paths(spec)
         if not tar_paths:
-            raise ValueError(f"no .tar shards match {spec}")
+            raise DataError(f"no .tar shards match {spec}")
         for tar_path in tar_paths:
             try:
                 members = index_tar(tar_path)
@@ -430,14 +429,10 @@ class TfdsCollection:
         features = builder.info.features
         for key in (image_key, caption_key):
             if key not in features:
-                raise ValueError(
-                    f"tfds dataset {name_or_dir} has no feature {key!r}: {list(features)}"
-                )
+                raise DataError(f"tfds dataset {name_or_dir} has no feature {key!r}: {list(features)}")
         if not isinstance(features[image_key], tfds.features.Image):
-            raise ValueError(f"feature {image_key!r} of {name_or_dir} is not a tfds Image")
-        self._source = builder.as_data_source(
-            split=split, decoders={image_key: tfds.decode.SkipDecoding()}
-        )
+            raise DataError(f"feature {image_key!r} of {name_or_dir} is not a tfds Image")
+        self._source = builder.as_data_source(split=split, decoders={image_key: tfds.decode.SkipDecoding()})
         self._where = f"{name_or_dir}[{split}]"
         self._image_key, self._caption_key = image_key, caption_key
         self.description = f"tfds:{self._where}"
@@ -484,25 +479,19 @@ def detect_kind(path: str) -> str:
             return "tfds"
         return "webdataset" if glob.glob(os.path.join(path, "*.tar")) else "folder"
     if os.path.exists(path):
-        raise ValueError(f"cannot tell the input form of {path}; pass --input-kind")
+        raise DataError(f"cannot tell the input form of {path}; pass --input-kind")
     return "tfds"  # not a path: a registered tfds name
 
 
-def open_collection(
-    path: str, kind: str = "auto", options: InputOptions = InputOptions()
-) -> Collection:
+def open_collection(path: str, kind: str = "auto", options: InputOptions = InputOptions()) -> Collection:
     """Open `path` as the given input form ("auto" guesses it from the path)."""
     if kind not in INPUT_KINDS:
-        raise ValueError(f"unknown input kind {kind!r}; choose from {INPUT_KINDS}")
+        raise DataError(f"unknown input kind {kind!r}; choose from {INPUT_KINDS}")
     kind = detect_kind(path) if kind == "auto" else kind
     if kind == "folder":
         return FolderCollection(path, options.caption_key)
     if kind == "table":
-        return TableCollection(
-            path, options.image_column, options.caption_column, options.image_root
-        )
+        return TableCollection(path, options.image_column, options.caption_column, options.image_root)
     if kind == "webdataset":
         return WebDatasetCollection(path, options.caption_key)
-    return TfdsCollection(
-        path, options.split, options.tfds_data_dir, options.image_key, options.caption_key
-    )
+    return TfdsCollection(path, options.split, options.tfds_data_dir, options.image_key, options.caption_key)

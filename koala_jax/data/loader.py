@@ -27,6 +27,7 @@ from google.protobuf import message as protobuf_message
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from koala_jax.data import schema
+from koala_jax.errors import DataError
 
 log = logging.getLogger(__name__)
 Example = dict[str, Any]
@@ -81,7 +82,7 @@ class PreparedSource:
             elif expected:
                 paths.append(path)
         if not paths:
-            raise ValueError(f"{data_dir} has no usable records; skipped: {self.skipped_shards}")
+            raise DataError(f"{data_dir} has no usable records; skipped: {self.skipped_shards}")
         self._records = grain.sources.ArrayRecordDataSource(paths)
 
     def __len__(self) -> int:
@@ -127,12 +128,8 @@ class SyntheticSource:
         image_size = np.asarray(self.latent_shape[1:], np.int32) * self.vae_scale_factor
         return {
             "latents": rng.standard_normal(self.latent_shape, np.float32).astype(np.float16),
-            "prompt_embeds": rng.standard_normal((self.text_len, self.text_dim), np.float32).astype(
-                np.float16
-            ),
-            "pooled_prompt_embeds": rng.standard_normal(self.pooled_dim, np.float32).astype(
-                np.float16
-            ),
+            "prompt_embeds": rng.standard_normal((self.text_len, self.text_dim), np.float32).astype(np.float16),
+            "pooled_prompt_embeds": rng.standard_normal(self.pooled_dim, np.float32).astype(np.float16),
             "original_size": image_size,
             "crop_top_left": np.zeros(2, np.int32),
             "target_size": image_size,
@@ -249,9 +246,8 @@ class _TrainDataset(grain.IterDataset):
 
 def local_batch_size(global_batch_size: int, process_count: int) -> int:
     if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(
-            f"global_batch_size {global_batch_size} must be a positive multiple of the "
-            f"process count {process_count}"
+        raise DataError(
+            f"global_batch_size {global_batch_size} must be a positive multiple of the process count {process_count}"
         )
     return global_batch_size // process_count
 
@@ -276,9 +272,9 @@ def make_train_loader(
     """
     batch_size = local_batch_size(global_batch_size, process_count)
     if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+        raise DataError(f"process_index {process_index} not in [0, {process_count})")
     if len(source) < process_count:
-        raise ValueError(f"{len(source)} records cannot be split over {process_count} processes")
+        raise DataError(f"{len(source)} records cannot be split over {process_count} processes")
     indices = grain.MapDataset.range(len(source))[process_index::process_count]
     # shuffle before repeat: grain reseeds the shuffle for every epoch of the repeat.
     examples = indices.shuffle(seed=seed).repeat().map(_ReadTrainExample(source))
@@ -286,23 +282,17 @@ def make_train_loader(
         num_threads=read_threads,
         prefetch_buffer_size=max(read_threads, prefetch_batches * batch_size),
     )
-    batches: grain.IterDataset = _ValidBatchDataset(
-        examples.to_iter_dataset(read_options), batch_size
-    )
+    batches: grain.IterDataset = _ValidBatchDataset(examples.to_iter_dataset(read_options), batch_size)
     if num_workers > 0:
         # grain's worker start-up reads absl flags; a program without absl never parsed them.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        options = grain.MultiprocessingOptions(
-            num_workers=num_workers, per_worker_buffer_size=prefetch_batches
-        )
+        options = grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=prefetch_batches)
         batches = batches.mp_prefetch(options)
     return iter(_TrainDataset(batches, getattr(source, "skipped_shards", ())))
 
 
-def to_global_batch(
-    local_batch: Batch, mesh: Mesh, data_axes: str | Sequence[str]
-) -> dict[str, jax.Array]:
+def to_global_batch(local_batch: Batch, mesh: Mesh, data_axes: str | Sequence[str]) -> dict[str, jax.Array]:
     """Assemble every process's local batch into global arrays split over `data_axes`.
 
     The leading (batch) axis is sharded over the mesh's data axes, the other axes are
@@ -312,11 +302,6 @@ def to_global_batch(
     shards = int(np.prod([mesh.shape[axis] for axis in axes]))
     global_rows = next(iter(local_batch.values())).shape[0] * jax.process_count()
     if global_rows % shards:
-        raise ValueError(
-            f"global batch {global_rows} does not split over {shards} devices of mesh axes {axes}"
-        )
+        raise DataError(f"global batch {global_rows} does not split over {shards} devices of mesh axes {axes}")
     sharding = NamedSharding(mesh, PartitionSpec(axes))
-    return {
-        key: jax.make_array_from_process_local_data(sharding, value)
-        for key, value in local_batch.items()
-    }
+    return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in local_batch.items()}

@@ -30,6 +30,7 @@ from diffusers import AutoencoderKL
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from koala_jax.data import ingest, schema
+from koala_jax.errors import DataError
 
 log = logging.getLogger(__name__)
 SHARD_REPORTS_DIR = "_shard_reports"
@@ -64,6 +65,11 @@ class PrepareConfig:
         }
 
 
+def set_torch_threads(n: int) -> None:
+    """Threads of torch's CPU kernels (1 can be much faster on a busy CPU)."""
+    torch.set_num_threads(n)
+
+
 class TeacherEncoders:
     """The teacher's VAE and two CLIP text encoders, encoding as SDXL's pipeline does."""
 
@@ -77,8 +83,7 @@ class TeacherEncoders:
         self.vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=vae_dtype)
         self.vae.to(self.device).eval()
         self.tokenizers = [
-            CLIPTokenizer.from_pretrained(os.path.join(teacher, name))
-            for name in ("tokenizer", "tokenizer_2")
+            CLIPTokenizer.from_pretrained(os.path.join(teacher, name)) for name in ("tokenizer", "tokenizer_2")
         ]
         self.text_encoders = [
             CLIPTextModel.from_pretrained(os.path.join(teacher, "text_encoder")),
@@ -94,7 +99,7 @@ class TeacherEncoders:
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         if resolution % factor:
-            raise ValueError(f"resolution {resolution} is not a multiple of the VAE's {factor}")
+            raise DataError(f"resolution {resolution} is not a multiple of the VAE's {factor}")
         side = resolution // factor
         return (self.vae.config.latent_channels, side, side)
 
@@ -163,9 +168,7 @@ class _ShardWriter:
         return os.path.join(self.output_dir, schema.shard_filename(shard, self.num_shards))
 
     def report_path(self, shard: int) -> str:
-        return os.path.join(
-            self.reports_dir, schema.shard_filename(shard, self.num_shards) + ".json"
-        )
+        return os.path.join(self.reports_dir, schema.shard_filename(shard, self.num_shards) + ".json")
 
     def is_complete(self, shard: int) -> bool:
         """The shard file appears only by the final rename, after its report."""
@@ -192,14 +195,10 @@ def _check_settings(output_dir: str, settings: dict[str, Any]) -> None:
     if os.path.exists(path):
         with open(path) as f:
             stored = json.load(f)
-        changed = sorted(
-            k for k in settings.keys() | stored.keys() if settings.get(k) != stored.get(k)
-        )
+        changed = sorted(k for k in settings.keys() | stored.keys() if settings.get(k) != stored.get(k))
         if changed:
-            differences = "; ".join(
-                f"{k}: {stored.get(k)!r} then, {settings.get(k)!r} now" for k in changed
-            )
-            raise ValueError(
+            differences = "; ".join(f"{k}: {stored.get(k)!r} then, {settings.get(k)!r} now" for k in changed)
+            raise DataError(
                 f"{output_dir} holds shards prepared with other settings ({differences}); "
                 "use a new --output-dir or the same settings"
             )
@@ -252,15 +251,11 @@ class _ShardEncoder:
     def _load(self, index: int) -> ingest.Example | ingest.SkipRecord:
         """Runs in a worker thread; returns the skip rather than raising it."""
         try:
-            return ingest.load_example(
-                self.collection, index, self.config.filters, self.config.resolution
-            )
+            return ingest.load_example(self.collection, index, self.config.filters, self.config.resolution)
         except ingest.SkipRecord as skip:
             return skip
 
-    def _batches(
-        self, indices: Sequence[int]
-    ) -> Iterator[list[ingest.Example | ingest.SkipRecord]]:
+    def _batches(self, indices: Sequence[int]) -> Iterator[list[ingest.Example | ingest.SkipRecord]]:
         """Loaded batches in order, the next one decoding while this one is encoded."""
         size = self.config.batch_size
         chunks = [indices[i : i + size] for i in range(0, len(indices), size)]
@@ -269,9 +264,7 @@ class _ShardEncoder:
             current, ahead = ahead, [self.pool.submit(self._load, i) for i in chunk]
             yield [future.result() for future in current]
 
-    def _encode(
-        self, examples: list[ingest.Example], report: ingest.IngestReport
-    ) -> Iterator[bytes]:
+    def _encode(self, examples: list[ingest.Example], report: ingest.IngestReport) -> Iterator[bytes]:
         """Records of kept examples; a non-finite encoding is skipped and counted."""
         latents = self.encoders.encode_images(np.stack([e.pixels for e in examples]))
         prompt_embeds, pooled = self.encoders.encode_captions([e.caption for e in examples])
@@ -304,9 +297,7 @@ class _ShardEncoder:
                 yield from self._encode(kept, report)
 
 
-def _finalize(
-    writer: _ShardWriter, features: Any, collection: ingest.Collection
-) -> ingest.IngestReport | None:
+def _finalize(writer: _ShardWriter, features: Any, collection: ingest.Collection) -> ingest.IngestReport | None:
     """Write the tfds metadata and the report once every shard is complete."""
     missing = [k for k in range(writer.num_shards) if not writer.is_complete(k)]
     if missing:
@@ -324,24 +315,20 @@ def _finalize(
     return report
 
 
-def prepare_dataset(
-    collection: ingest.Collection, config: PrepareConfig
-) -> ingest.IngestReport | None:
+def prepare_dataset(collection: ingest.Collection, config: PrepareConfig) -> ingest.IngestReport | None:
     """Encode `collection` into `config.output_dir`; returns the full report when complete.
 
     Returns None while shards of other tasks are still missing.
     """
     if not 0 <= config.task_index < config.task_count:
-        raise ValueError(f"task_index {config.task_index} not in [0, {config.task_count})")
+        raise DataError(f"task_index {config.task_index} not in [0, {config.task_count})")
     if len(collection) == 0:
-        raise ValueError(f"{collection.description} holds no records")
+        raise DataError(f"{collection.description} holds no records")
     num_shards = math.ceil(len(collection) / config.records_per_shard)
     writer = _ShardWriter(config.output_dir, num_shards)
     _check_settings(config.output_dir, config.content_settings(collection))
     encoders = TeacherEncoders(config.teacher, config.device, config.dtype)
-    features = schema.record_features(
-        encoders.latent_shape(config.resolution), encoders.text_dim, encoders.pooled_dim
-    )
+    features = schema.record_features(encoders.latent_shape(config.resolution), encoders.text_dim, encoders.pooled_dim)
     null_embeds, null_pooled = encoders.encode_captions([""])
     schema.save_null_embeddings(config.output_dir, null_embeds[0], null_pooled[0])
     mine = range(config.task_index, num_shards, config.task_count)

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from koala_jax.errors import MissingPathError
+
 DATASET_NAME = "koala_latents"
 SPLIT = "train"
 FILE_FORMAT = "array_record"
@@ -27,9 +29,7 @@ TEXT_LENGTH = 77  # CLIP's model_max_length
 TIME_ID_FIELDS = ("original_size", "crop_top_left", "target_size")  # SDXL's add_time_ids order
 
 
-def record_features(
-    latent_shape: Sequence[int], text_dim: int, pooled_dim: int
-) -> tfds.features.FeaturesDict:
+def record_features(latent_shape: Sequence[int], text_dim: int, pooled_dim: int) -> tfds.features.FeaturesDict:
     """The tfds features of one record; float16 halves the size of the big tensors."""
     size = tfds.features.Tensor(shape=(2,), dtype=np.int32)
     return tfds.features.FeaturesDict(
@@ -60,14 +60,10 @@ def shard_template(data_dir: str) -> tfds.core.ShardedFileTemplate:
     )
 
 
-def write_tfds_metadata(
-    data_dir: str, features: tfds.features.FeaturesDict, shard_lengths: list[int]
-) -> None:
+def write_tfds_metadata(data_dir: str, features: tfds.features.FeaturesDict, shard_lengths: list[int]) -> None:
     """Write dataset_info.json and features.json, which make the folder a tfds dataset."""
     template = shard_template(data_dir)
-    split = tfds.core.SplitInfo(
-        name=SPLIT, shard_lengths=shard_lengths, num_bytes=0, filename_template=template
-    )
+    split = tfds.core.SplitInfo(name=SPLIT, shard_lengths=shard_lengths, num_bytes=0, filename_template=template)
     # check_data would read an example through tf.data, and tensorflow is not installed.
     tfds.folder_dataset.write_metadata(
         data_dir=data_dir,
@@ -83,7 +79,7 @@ def read_tfds_info(data_dir: str) -> tuple[tfds.features.FeaturesDict, list[int]
     """Features and per-shard record counts of a prepared dataset."""
     info_file = os.path.join(data_dir, "dataset_info.json")
     if not os.path.exists(info_file):
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"{data_dir} is not a prepared dataset (no dataset_info.json); run prepare_data.py "
             "first, or rerun it to finish an interrupted preparation."
         )
@@ -112,6 +108,6 @@ def load_null_embeddings(data_dir: str) -> dict[str, np.ndarray]:
     """
     path = os.path.join(data_dir, NULL_EMBEDDINGS_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no {NULL_EMBEDDINGS_FILE} in {data_dir}: run prepare_data.py")
+        raise MissingPathError(f"no {NULL_EMBEDDINGS_FILE} in {data_dir}: run prepare_data.py")
     with np.load(path) as stored:
         return {name: stored[name].astype(np.float32) for name in stored.files}

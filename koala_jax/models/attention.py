@@ -32,8 +32,13 @@ class Attention(nn.Module):
         o = self.opts
         inner = self.heads * self.head_dim
         context = x if context is None else context
-        dense = lambda name, bias: nn.Dense(inner if name != "to_out_0" else x.shape[-1], use_bias=bias,
-                                            dtype=o.dtype, param_dtype=o.param_dtype, name=name)
+        dense = lambda name, bias: nn.Dense(
+            inner if name != "to_out_0" else x.shape[-1],
+            use_bias=bias,
+            dtype=o.dtype,
+            param_dtype=o.param_dtype,
+            name=name,
+        )
         split = lambda t: t.reshape(*t.shape[:-1], self.heads, self.head_dim)
         q, k, v = (split(dense(n, False)(t)) for n, t in (("to_q", x), ("to_k", context), ("to_v", context)))
         out = dot_product_attention(q, k, v, o.attention_impl)
@@ -105,8 +110,10 @@ class Transformer2DModel(nn.Module):
         b, h, w, c = x.shape
         inner = self.heads * self.head_dim
         proj = lambda features, name: (
-            nn.Dense(features, dtype=o.dtype, param_dtype=o.param_dtype, name=name) if self.use_linear_projection
-            else nn.Conv(features, (1, 1), dtype=o.dtype, param_dtype=o.param_dtype, name=name))
+            nn.Dense(features, dtype=o.dtype, param_dtype=o.param_dtype, name=name)
+            if self.use_linear_projection
+            else nn.Conv(features, (1, 1), dtype=o.dtype, param_dtype=o.param_dtype, name=name)
+        )
         hidden = group_norm(self.groups, 1e-6, o.dtype, o.param_dtype, "norm")(x)
         hidden = proj(inner, "proj_in")(hidden).reshape(b, h * w, inner)
         block_cls = o.maybe_remat(BasicTransformerBlock, "transformer_block")

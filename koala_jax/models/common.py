@@ -17,8 +17,9 @@ FEATURES = "features"
 
 def group_norm(num_groups: int, eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.GroupNorm:
     """torch.nn.GroupNorm equivalent on NHWC (statistics in float32, two-pass variance like PyTorch)."""
-    return nn.GroupNorm(num_groups=num_groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
-                        use_fast_variance=False, name=name)
+    return nn.GroupNorm(
+        num_groups=num_groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, name=name
+    )
 
 
 def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str, eps: float = 1e-5) -> nn.LayerNorm:
@@ -29,8 +30,15 @@ def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str, eps: float = 1e-5) -
 def conv(features: int, kernel: int, dtype: Dtype, param_dtype: Dtype, name: str, stride: int = 1) -> nn.Conv:
     """torch.nn.Conv2d(k, stride, padding=k // 2) equivalent on NHWC."""
     pad = kernel // 2
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                   dtype=dtype, param_dtype=param_dtype, name=name)
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        dtype=dtype,
+        param_dtype=param_dtype,
+        name=name,
+    )
 
 
 def sow_feature(module: nn.Module, value: jnp.ndarray) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from koala_jax.errors import KoalaError
+
 DOWN_BLOCK_TYPES = ("DownBlock2D", "CrossAttnDownBlock2D")
 UP_BLOCK_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", None)
@@ -48,7 +50,7 @@ _FIXED_FIELDS: dict[str, Any] = {
 _IGNORED_FIELDS = ("sample_size", "addition_embed_type_num_heads")
 
 
-class UnsupportedConfigError(ValueError):
+class UnsupportedConfigError(KoalaError, ValueError):
     """A diffusers config field that this implementation does not support."""
 
 
@@ -56,7 +58,9 @@ def _per_block(name: str, value: Any, n: int) -> tuple:
     """Broadcast an int-or-list config field to one entry per block, checking its length."""
     if isinstance(value, (list, tuple)):
         if len(value) != n:
-            raise UnsupportedConfigError(f"config field {name!r} has {len(value)} entries, expected {n} (one per block)")
+            raise UnsupportedConfigError(
+                f"config field {name!r} has {len(value)} entries, expected {n} (one per block)"
+            )
         return tuple(value)
     return (value,) * n
 
@@ -90,8 +94,15 @@ class UNetConfig:
 
     def __post_init__(self) -> None:
         n = len(self.block_out_channels)
-        for name in ("down_block_types", "up_block_types", "layers_per_block", "transformer_layers_per_block",
-                     "reverse_transformer_layers_per_block", "num_attention_heads", "cross_attention_dim"):
+        for name in (
+            "down_block_types",
+            "up_block_types",
+            "layers_per_block",
+            "transformer_layers_per_block",
+            "reverse_transformer_layers_per_block",
+            "num_attention_heads",
+            "cross_attention_dim",
+        ):
             if len(getattr(self, name)) != n:
                 raise UnsupportedConfigError(f"config field {name!r} needs {n} entries, got {getattr(self, name)}")
         for t in self.down_block_types:
@@ -103,17 +114,29 @@ class UNetConfig:
         if self.mid_block_type not in MID_BLOCK_TYPES:
             raise UnsupportedConfigError(f"config field 'mid_block_type': unsupported {self.mid_block_type!r}")
         if self.addition_embed_type not in ("text_time", None):
-            raise UnsupportedConfigError(f"config field 'addition_embed_type': unsupported {self.addition_embed_type!r}")
+            raise UnsupportedConfigError(
+                f"config field 'addition_embed_type': unsupported {self.addition_embed_type!r}"
+            )
         for ch, heads in zip(self.block_out_channels, self.num_attention_heads):
             if ch % heads:
-                raise UnsupportedConfigError(f"config field 'num_attention_heads': {heads} heads do not divide {ch} channels")
+                raise UnsupportedConfigError(
+                    f"config field 'num_attention_heads': {heads} heads do not divide {ch} channels"
+                )
 
     @property
     def time_embed_dim(self) -> int:
         return self.block_out_channels[0] * 4
 
+    @property
+    def pooled_text_dim(self) -> int | None:
+        """Width of the pooled text embedding (`text_embeds`, 1280 in SDXL): what the add_embedding takes
+        beside the 6 micro-conditioning ids, each embedded to `addition_time_embed_dim`."""
+        if self.addition_embed_type != "text_time":
+            return None
+        return self.projection_class_embeddings_input_dim - 6 * self.addition_time_embed_dim
+
     @classmethod
-    def from_diffusers(cls, config: dict[str, Any]) -> "UNetConfig":
+    def from_diffusers(cls, config: dict[str, Any]) -> UNetConfig:
         """Parse a diffusers `UNet2DConditionModel` config dict; refuse fields we do not implement."""
         fields = {f.name for f in dataclasses.fields(cls)}
         given = {k: v for k, v in config.items() if not k.startswith("_") and k not in _IGNORED_FIELDS}
@@ -121,7 +144,8 @@ class UNetConfig:
             if key in _FIXED_FIELDS:
                 if value != _FIXED_FIELDS[key]:
                     raise UnsupportedConfigError(
-                        f"config field {key!r} = {value!r} is not supported (only {_FIXED_FIELDS[key]!r})")
+                        f"config field {key!r} = {value!r} is not supported (only {_FIXED_FIELDS[key]!r})"
+                    )
             elif key not in fields and key not in ("attention_head_dim",):
                 raise UnsupportedConfigError(f"unknown config field {key!r} = {value!r}")
         n = len(given.get("block_out_channels", cls.block_out_channels))
@@ -145,9 +169,12 @@ class UNetConfig:
             projection_class_embeddings_input_dim=given.get("projection_class_embeddings_input_dim"),
         )
         if kwargs["addition_embed_type"] == "text_time" and not (
-                kwargs["addition_time_embed_dim"] and kwargs["projection_class_embeddings_input_dim"]):
-            raise UnsupportedConfigError("addition_embed_type 'text_time' needs 'addition_time_embed_dim' and "
-                                         "'projection_class_embeddings_input_dim'")
+            kwargs["addition_time_embed_dim"] and kwargs["projection_class_embeddings_input_dim"]
+        ):
+            raise UnsupportedConfigError(
+                "addition_embed_type 'text_time' needs 'addition_time_embed_dim' and "
+                "'projection_class_embeddings_input_dim'"
+            )
         return cls(**kwargs)
 
     def to_diffusers(self) -> dict[str, Any]:

@@ -10,8 +10,13 @@ import jax.numpy as jnp
 from koala_jax.models.common import Dtype
 
 
-def get_timestep_embedding(timesteps: jnp.ndarray, embedding_dim: int, flip_sin_to_cos: bool = False,
-                           downscale_freq_shift: float = 1.0, max_period: int = 10000) -> jnp.ndarray:
+def get_timestep_embedding(
+    timesteps: jnp.ndarray,
+    embedding_dim: int,
+    flip_sin_to_cos: bool = False,
+    downscale_freq_shift: float = 1.0,
+    max_period: int = 10000,
+) -> jnp.ndarray:
     """Sinusoidal embedding of a 1-D array of (possibly fractional) timesteps, in float32."""
     half_dim = embedding_dim // 2
     exponent = -math.log(max_period) * jnp.arange(half_dim, dtype=jnp.float32) / (half_dim - downscale_freq_shift)

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 from koala_jax.models.common import FEATURES, ForwardOptions, conv, group_norm
 from koala_jax.models.config import UNetConfig
 from koala_jax.models.embeddings import TimestepEmbedding, get_timestep_embedding
+from koala_jax.models.naming import flax_path_to_torch_module
 from koala_jax.models.unet_blocks import DownBlock, MidBlock, UpBlock
-from koala_jax.naming import flax_path_to_torch_module
 
 
 class UNet2DConditionModel(nn.Module):
@@ -25,29 +25,46 @@ class UNet2DConditionModel(nn.Module):
 
     def _stage_kwargs(self, i: int, heads: int, num_layers: int, depth: int) -> dict:
         cfg = self.config
-        return dict(out_channels=cfg.block_out_channels[i], num_layers=num_layers, depth=depth, heads=heads,
-                    groups=cfg.norm_num_groups, eps=cfg.norm_eps, use_linear_projection=cfg.use_linear_projection,
-                    opts=self.opts)
+        return dict(
+            out_channels=cfg.block_out_channels[i],
+            num_layers=num_layers,
+            depth=depth,
+            heads=heads,
+            groups=cfg.norm_num_groups,
+            eps=cfg.norm_eps,
+            use_linear_projection=cfg.use_linear_projection,
+            opts=self.opts,
+        )
 
-    def _embed(self, timesteps: jnp.ndarray, batch: int, text_embeds: jnp.ndarray | None,
-               time_ids: jnp.ndarray | None) -> jnp.ndarray:
+    def _embed(
+        self, timesteps: jnp.ndarray, batch: int, text_embeds: jnp.ndarray | None, time_ids: jnp.ndarray | None
+    ) -> jnp.ndarray:
         """temb = MLP(sinusoid(t)) [+ MLP(text_embeds ++ sinusoid(time_ids)) for 'text_time']."""
         cfg, o = self.config, self.opts
         t = jnp.broadcast_to(jnp.asarray(timesteps).reshape(-1), (batch,))
         t_emb = get_timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        emb = TimestepEmbedding(cfg.time_embed_dim, o.dtype, o.param_dtype, name="time_embedding")(t_emb.astype(o.dtype))
+        emb = TimestepEmbedding(cfg.time_embed_dim, o.dtype, o.param_dtype, name="time_embedding")(
+            t_emb.astype(o.dtype)
+        )
         if cfg.addition_embed_type == "text_time":
             if text_embeds is None or time_ids is None:
                 raise ValueError("this U-Net has addition_embed_type='text_time': pass text_embeds and time_ids")
-            time_embeds = get_timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
-                                                 cfg.flip_sin_to_cos, cfg.freq_shift).reshape(batch, -1)
+            time_embeds = get_timestep_embedding(
+                time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift
+            ).reshape(batch, -1)
             add = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], axis=-1).astype(o.dtype)
             emb = emb + TimestepEmbedding(cfg.time_embed_dim, o.dtype, o.param_dtype, name="add_embedding")(add)
         return emb
 
     @nn.compact
-    def __call__(self, sample: jnp.ndarray, timesteps: jnp.ndarray, encoder_hidden_states: jnp.ndarray,
-                 text_embeds: jnp.ndarray | None = None, time_ids: jnp.ndarray | None = None) -> jnp.ndarray:
+    def __call__(
+        self,
+        sample: jnp.ndarray,
+        timesteps: jnp.ndarray,
+        encoder_hidden_states: jnp.ndarray,
+        text_embeds: jnp.ndarray | None = None,
+        time_ids: jnp.ndarray | None = None,
+    ) -> jnp.ndarray:
         """sample (B, C, H, W), timesteps () or (B,), encoder_hidden_states (B, L, D), text_embeds (B, P),
         time_ids (B, 6) -> the prediction (B, C, H, W) in the compute dtype."""
         cfg, o = self.config, self.opts
@@ -60,14 +77,19 @@ class UNet2DConditionModel(nn.Module):
         skips: list[jnp.ndarray] = [x]
         for i, block_type in enumerate(cfg.down_block_types):
             depth = cfg.transformer_layers_per_block[i] if block_type == "CrossAttnDownBlock2D" else 0
-            block = DownBlock(**self._stage_kwargs(i, cfg.num_attention_heads[i], cfg.layers_per_block[i], depth),
-                              add_downsample=i < n - 1, name=f"down_blocks_{i}")
+            block = DownBlock(
+                **self._stage_kwargs(i, cfg.num_attention_heads[i], cfg.layers_per_block[i], depth),
+                add_downsample=i < n - 1,
+                name=f"down_blocks_{i}",
+            )
             x, block_skips = block(x, temb, context)
             skips.extend(block_skips)
 
         if cfg.mid_block_type is not None:
-            x = MidBlock(**self._stage_kwargs(n - 1, cfg.num_attention_heads[-1], 1, cfg.transformer_layers_per_block[-1]),
-                         name="mid_block")(x, temb, context)
+            x = MidBlock(
+                **self._stage_kwargs(n - 1, cfg.num_attention_heads[-1], 1, cfg.transformer_layers_per_block[-1]),
+                name="mid_block",
+            )(x, temb, context)
 
         # diffusers forwards explicit upsample sizes when H or W is not a multiple of the total stride.
         forward_sizes = any(d % 2 ** (n - 1) for d in sample.shape[2:])
@@ -77,8 +99,11 @@ class UNet2DConditionModel(nn.Module):
             depth = cfg.reverse_transformer_layers_per_block[i] if block_type == "CrossAttnUpBlock2D" else 0
             block_skips, skips = tuple(skips[-num_layers:]), skips[:-num_layers]
             upsample_size = tuple(skips[-1].shape[1:3]) if forward_sizes and i < n - 1 else None
-            block = UpBlock(**self._stage_kwargs(stage, cfg.num_attention_heads[stage], num_layers, depth),
-                            add_upsample=i < n - 1, name=f"up_blocks_{i}")
+            block = UpBlock(
+                **self._stage_kwargs(stage, cfg.num_attention_heads[stage], num_layers, depth),
+                add_upsample=i < n - 1,
+                name=f"up_blocks_{i}",
+            )
             x = block(x, block_skips, temb, context, upsample_size)
 
         x = nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, o.dtype, o.param_dtype, "conv_norm_out")(x))

@@ -25,13 +25,20 @@ class _Stage(nn.Module):
 
     def resnet(self, i: int) -> nn.Module:
         return self.opts.maybe_remat(ResnetBlock2D, "resnet")(
-            self.out_channels, self.groups, self.eps, self.opts, name=f"resnets_{i}")
+            self.out_channels, self.groups, self.eps, self.opts, name=f"resnets_{i}"
+        )
 
     def attention(self, i: int, channels: int | None = None) -> nn.Module:
         channels = channels or self.out_channels
         return self.opts.maybe_remat(Transformer2DModel, "attention_block")(
-            self.heads, channels // self.heads, self.depth, self.groups, self.use_linear_projection, self.opts,
-            name=f"attentions_{i}")
+            self.heads,
+            channels // self.heads,
+            self.depth,
+            self.groups,
+            self.use_linear_projection,
+            self.opts,
+            name=f"attentions_{i}",
+        )
 
     def stage_output(self, x: jnp.ndarray) -> jnp.ndarray:
         if "stage" in self.opts.capture:
@@ -46,8 +53,9 @@ class DownBlock(_Stage):
     add_downsample: bool = True
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, temb: jnp.ndarray, context: jnp.ndarray
-                 ) -> tuple[jnp.ndarray, tuple[jnp.ndarray, ...]]:
+    def __call__(
+        self, x: jnp.ndarray, temb: jnp.ndarray, context: jnp.ndarray
+    ) -> tuple[jnp.ndarray, tuple[jnp.ndarray, ...]]:
         skips = []
         for i in range(self.num_layers):
             x = self.resnet(i)(x, temb)
@@ -78,8 +86,14 @@ class UpBlock(_Stage):
     add_upsample: bool = True
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, skips: tuple[jnp.ndarray, ...], temb: jnp.ndarray, context: jnp.ndarray,
-                 upsample_size: tuple[int, int] | None = None) -> jnp.ndarray:
+    def __call__(
+        self,
+        x: jnp.ndarray,
+        skips: tuple[jnp.ndarray, ...],
+        temb: jnp.ndarray,
+        context: jnp.ndarray,
+        upsample_size: tuple[int, int] | None = None,
+    ) -> jnp.ndarray:
         skips = list(skips)
         for i in range(self.num_layers):
             x = jnp.concatenate([x, skips.pop().astype(x.dtype)], axis=-1)

@@ -1,5 +1,3 @@
-"""KOALA distillation training: noise schedule, losses, sharding, train step and checkpoints.
-
-`train.py` at the top level shows the data flow (data -> teacher & student -> losses -> update ->
-checkpoint); the pieces it calls live here.
-"""
+"""KOALA distillation training. `loop.train` shows the data flow (data -> teacher & student -> losses ->
+update -> checkpoint); `setup` builds what a run needs; `step`, `losses`, `noise`, `sharding`, `state`,
+`checkpoint`, `metrics` and `preview` are the pieces it calls; `config` holds every option's default."""

@@ -13,8 +13,9 @@ import re
 import jax
 import jax.numpy as jnp
 
+from koala_jax.errors import ConfigError
 from koala_jax.models.config import UNetConfig
-from koala_jax.student_init import teacher_path_for
+from koala_jax.students.mapping import teacher_path_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,8 +29,13 @@ def mse(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     return jnp.mean(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)))
 
 
-def feature_pairs(student_shapes: dict[str, tuple], teacher_shapes: dict[str, tuple], teacher: UNetConfig,
-                  student: UNetConfig, pattern: str = "") -> dict[str, str]:
+def feature_pairs(
+    student_shapes: dict[str, tuple],
+    teacher_shapes: dict[str, tuple],
+    teacher: UNetConfig,
+    student: UNetConfig,
+    pattern: str = "",
+) -> dict[str, str]:
     """{student feature path: teacher feature path} for every student feature (optionally only those
     matching the regex `pattern`) whose teacher source block (the one it was initialised from) exists
     with the same shape. A student feature without such a partner is an error: silently dropping a
@@ -40,19 +46,29 @@ def feature_pairs(student_shapes: dict[str, tuple], teacher_shapes: dict[str, tu
             continue
         source = teacher_path_for(name, teacher, student)
         if teacher_shapes.get(source) != shape:
-            raise ValueError(f"student feature {name} {shape} has no teacher partner {source} "
-                             f"(teacher shape {teacher_shapes.get(source)})")
+            raise ConfigError(
+                f"student feature {name} {shape} has no teacher partner {source} "
+                f"(teacher shape {teacher_shapes.get(source)})"
+            )
         pairs[name] = source
     return pairs
 
 
-def kd_losses(student_out: jnp.ndarray, teacher_out: jnp.ndarray, target: jnp.ndarray,
-              student_feats: dict[str, jnp.ndarray], teacher_feats: dict[str, jnp.ndarray],
-              pairs: dict[str, str], weights: LossWeights) -> dict[str, jnp.ndarray]:
+def kd_losses(
+    student_out: jnp.ndarray,
+    teacher_out: jnp.ndarray,
+    target: jnp.ndarray,
+    student_feats: dict[str, jnp.ndarray],
+    teacher_feats: dict[str, jnp.ndarray],
+    pairs: dict[str, str],
+    weights: LossWeights,
+) -> dict[str, jnp.ndarray]:
     """The loss terms and their weighted total; teacher values carry no gradient."""
     teacher_out = jax.lax.stop_gradient(teacher_out)
-    feat = sum((mse(student_feats[s], jax.lax.stop_gradient(teacher_feats[t])) for s, t in pairs.items()),
-               start=jnp.zeros((), jnp.float32))
+    feat = sum(
+        (mse(student_feats[s], jax.lax.stop_gradient(teacher_feats[t])) for s, t in pairs.items()),
+        start=jnp.zeros((), jnp.float32),
+    )
     terms = {"task": mse(student_out, target), "out_kd": mse(student_out, teacher_out), "feat_kd": feat}
     terms["total"] = weights.task * terms["task"] + weights.out * terms["out_kd"] + weights.feat * terms["feat_kd"]
     return terms

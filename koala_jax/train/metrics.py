@@ -28,7 +28,7 @@ def measure_peak_flops(dtype=jnp.bfloat16, n: int | None = None, repeats: int = 
         start = time.perf_counter()
         f(a).block_until_ready()
         best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
 class Throughput:

@@ -34,7 +34,7 @@ class NoiseSchedule:
 
     @property
     def alphas_cumprod(self) -> np.ndarray:
-        betas = np.linspace(self.beta_start ** 0.5, self.beta_end ** 0.5, self.num_train_timesteps, dtype=np.float64) ** 2
+        betas = np.linspace(self.beta_start**0.5, self.beta_end**0.5, self.num_train_timesteps, dtype=np.float64) ** 2
         return np.cumprod(1.0 - betas).astype(np.float32)
 
     def sample_timesteps(self, rng: jax.Array, batch: int) -> jnp.ndarray:

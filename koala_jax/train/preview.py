@@ -1,10 +1,9 @@
 """Sample grids during training: the student (and the teacher, for comparison) denoise the same
 noise with the same captions using an Euler sampler in JAX; the latents are decoded with the
-teacher's VAE when one is available (PyTorch, optional) or shown as a latent preview otherwise."""
+teacher's VAE when one is available (`koala_jax.pipelines.vae`, needs torch) or shown as a latent preview
+otherwise."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +19,16 @@ def euler_timesteps(schedule: NoiseSchedule, steps: int) -> np.ndarray:
     return np.round(np.arange(n, 0, -n / steps)).astype(np.int64) - 1
 
 
-def euler_sample(unet: UNet2DConditionModel, params, noise: jnp.ndarray, ehs: jnp.ndarray, pooled: jnp.ndarray,
-                 time_ids: jnp.ndarray, schedule: NoiseSchedule, steps: int) -> jnp.ndarray:
+def euler_sample(
+    unet: UNet2DConditionModel,
+    params,
+    noise: jnp.ndarray,
+    ehs: jnp.ndarray,
+    pooled: jnp.ndarray,
+    time_ids: jnp.ndarray,
+    schedule: NoiseSchedule,
+    steps: int,
+) -> jnp.ndarray:
     """Euler sampling of an epsilon- or v-prediction U-Net (diffusers' EulerDiscreteScheduler, no
     guidance): x_T = noise * sigma_T, x <- x + (sigma_next - sigma) * d with d = (x - x0_hat) / sigma."""
     abar = schedule.alphas_cumprod
@@ -31,11 +38,13 @@ def euler_sample(unet: UNet2DConditionModel, params, noise: jnp.ndarray, ehs: jn
     x = noise * np.sqrt(sigmas[0] ** 2 + 1.0)
     for i, t in enumerate(ts):
         scale = 1.0 / np.sqrt(sigmas[i] ** 2 + 1.0)
-        out = apply({"params": params}, x * scale, jnp.full((x.shape[0],), t), ehs, pooled, time_ids).astype(jnp.float32)
+        out = apply({"params": params}, x * scale, jnp.full((x.shape[0],), t), ehs, pooled, time_ids).astype(
+            jnp.float32
+        )
         if schedule.prediction_type == "epsilon":
             x0 = x - sigmas[i] * out
         else:  # v-prediction, in sigma form
-            x0 = x * scale ** 2 - out * sigmas[i] * scale
+            x0 = x * scale**2 - out * sigmas[i] * scale
         x = x + (sigmas[i + 1] - sigmas[i]) * (x - x0) / sigmas[i]
     return x
 
@@ -45,17 +54,6 @@ def latent_preview(latents: np.ndarray) -> np.ndarray:
     x = np.asarray(latents, np.float32)[:, :3].transpose(0, 2, 3, 1)
     lo, hi = x.min(axis=(1, 2, 3), keepdims=True), x.max(axis=(1, 2, 3), keepdims=True)
     return (x - lo) / np.maximum(hi - lo, 1e-6)
-
-
-def decode_with_vae(latents: np.ndarray, vae_folder: str | Path) -> np.ndarray:
-    """(B, h*8, w*8, 3) images in [0, 1] via diffusers' AutoencoderKL (needs the torch extra)."""
-    import torch
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(vae_folder).eval()
-    with torch.no_grad():
-        images = vae.decode(torch.from_numpy(np.asarray(latents, np.float32)) / vae.config.scaling_factor).sample
-    return ((images.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy()
 
 
 def grid(images: np.ndarray, columns: int) -> np.ndarray:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 AXES = ("data", "fsdp")
 BATCH_AXES = AXES  # the leading batch dimension is split over every device
@@ -28,7 +29,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: list | None = None) -> Mes
     return Mesh(np.asarray(devices).reshape(data, fsdp), AXES)
 
 
-MIN_SHARDED_SIZE = 2 ** 12  # smaller arrays (biases, norms, RNG keys) are cheaper replicated
+MIN_SHARDED_SIZE = 2**12  # smaller arrays (biases, norms, RNG keys) are cheaper replicated
 
 
 def fsdp_spec(shape: tuple[int, ...], fsdp_size: int) -> P:

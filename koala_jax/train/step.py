@@ -54,16 +54,18 @@ def micro_step_grads(cfg: StepConfig, params, teacher_params, batch: Batch, null
 
     def loss_fn(p):
         out, feats = cfg.student.apply_with_features({"params": p}, *inputs)
-        terms = kd_losses(out, teacher_out, cfg.schedule.target(x0, noise, t), feats, teacher_feats, cfg.pairs,
-                          cfg.weights)
+        terms = kd_losses(
+            out, teacher_out, cfg.schedule.target(x0, noise, t), feats, teacher_feats, cfg.pairs, cfg.weights
+        )
         return terms["total"], terms
 
     (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return terms, grads
 
 
-def train_step(cfg: StepConfig, state: TrainState, teacher_params, batch: Batch, null: Batch
-               ) -> tuple[TrainState, dict[str, jnp.ndarray]]:
+def train_step(
+    cfg: StepConfig, state: TrainState, teacher_params, batch: Batch, null: Batch
+) -> tuple[TrainState, dict[str, jnp.ndarray]]:
     """One optimizer update on `batch` (split into cfg.grad_accum micro-batches)."""
     rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
     micro = jax.tree.map(lambda x: x.reshape(cfg.grad_accum, x.shape[0] // cfg.grad_accum, *x.shape[1:]), batch)
@@ -73,8 +75,9 @@ def train_step(cfg: StepConfig, state: TrainState, teacher_params, batch: Batch,
         terms, grads = micro_step_grads(cfg, state.params, teacher_params, mb, null, key)
         return jax.tree.map(jnp.add, carry, (terms, grads)), None
 
-    zeros = jax.eval_shape(lambda: micro_step_grads(cfg, state.params, teacher_params,
-                                                    jax.tree.map(lambda x: x[0], micro), null, step_rng))
+    zeros = jax.eval_shape(
+        lambda: micro_step_grads(cfg, state.params, teacher_params, jax.tree.map(lambda x: x[0], micro), null, step_rng)
+    )
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
     (terms, grads), _ = jax.lax.scan(accumulate, zeros, (micro, jax.random.split(step_rng, cfg.grad_accum)))
     terms, grads = jax.tree.map(lambda x: x / cfg.grad_accum, (terms, grads))
@@ -86,15 +89,18 @@ def train_step(cfg: StepConfig, state: TrainState, teacher_params, batch: Batch,
     if ema is not None:
         ema = jax.tree.map(lambda e, p: cfg.ema_decay * e + (1.0 - cfg.ema_decay) * p, ema, params)
     finite = jnp.isfinite(terms["total"]) & jnp.isfinite(grad_norm)
-    new = TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
-                     rng=jax.random.key_data(rng))
+    new = TrainState(
+        step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state, rng=jax.random.key_data(rng)
+    )
     new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)  # a bad step changes nothing
     return new, {**terms, "grad_norm": grad_norm, "finite": finite}
 
 
-def jit_train_step(cfg: StepConfig, state_shardings, teacher_shardings, batch_sharding, replicated
-                   ) -> Callable:
+def jit_train_step(cfg: StepConfig, state_shardings, teacher_shardings, batch_sharding, replicated) -> Callable:
     """train_step compiled with explicit input/output shardings (state donated)."""
-    return jax.jit(lambda s, tp, b, n: train_step(cfg, s, tp, b, n),
-                   in_shardings=(state_shardings, teacher_shardings, batch_sharding, replicated),
-                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    return jax.jit(
+        lambda s, tp, b, n: train_step(cfg, s, tp, b, n),
+        in_shardings=(state_shardings, teacher_shardings, batch_sharding, replicated),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,),
+    )

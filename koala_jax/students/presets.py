@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from koala_jax.errors import ConfigError
 from koala_jax.models.config import UNetConfig
 
 SDXL_BASE = UNetConfig()  # The defaults of UNetConfig are SDXL-Base 1.0's U-Net.
@@ -16,12 +17,20 @@ STUDENT_VARIANTS = {
     "koala-700m": {"deep_keep_fraction": 0.5, "mid_block": False},
 }
 # A tiny SDXL-shaped teacher for the embedded default config and tests: 3 stages, two residual blocks
-# per encoder stage, depth 4 at the deepest stage, text dims of koala_jax.tiny_pipeline (64 / 32).
-TINY_SDXL = UNetConfig(block_out_channels=(32, 64, 128), layers_per_block=(2, 2, 2),
-                       transformer_layers_per_block=(1, 2, 4), reverse_transformer_layers_per_block=(4, 2, 1),
-                       num_attention_heads=(2, 4, 8), cross_attention_dim=(64, 64, 64), norm_num_groups=8,
-                       addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8)
+# per encoder stage, depth 4 at the deepest stage, text dims of koala_jax.pipelines.tiny (64 / 32).
+TINY_SDXL = UNetConfig(
+    block_out_channels=(32, 64, 128),
+    layers_per_block=(2, 2, 2),
+    transformer_layers_per_block=(1, 2, 4),
+    reverse_transformer_layers_per_block=(4, 2, 1),
+    num_attention_heads=(2, 4, 8),
+    cross_attention_dim=(64, 64, 64),
+    norm_num_groups=8,
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=32 + 6 * 8,
+)
 PARAM_COUNTS = {"sdxl-base": 2_567_463_684, "koala-1b": 1_161_184_324, "koala-700m": 782_822_724}
+PRESET_NAMES = ("sdxl-base", "tiny-sdxl", *STUDENT_VARIANTS)
 
 
 def deep_stage_depth(teacher_depth: int, variant: str) -> int:
@@ -34,7 +43,7 @@ def derive_student_config(teacher: UNetConfig, variant: str) -> UNetConfig:
     2 -> 1, decoder 3 -> 2 in SDXL), fewer transformer blocks at the deepest stage, and for KOALA-700M
     no mid block. Everything else (widths, heads, conditioning) is the teacher's."""
     if variant not in STUDENT_VARIANTS:
-        raise ValueError(f"unknown student variant {variant!r}; choose from {sorted(STUDENT_VARIANTS)}")
+        raise ConfigError(f"unknown student variant {variant!r}; choose from {', '.join(sorted(STUDENT_VARIANTS))}")
     deepest = len(teacher.block_out_channels) - 1
     encoder_depth = list(teacher.transformer_layers_per_block)
     decoder_depth = list(teacher.reverse_transformer_layers_per_block)
@@ -56,5 +65,5 @@ def preset(name: str) -> UNetConfig:
     if name == "tiny-sdxl":
         return TINY_SDXL
     if name not in STUDENT_VARIANTS:
-        raise ValueError(f"unknown preset {name!r}; choose from sdxl-base, tiny-sdxl, {', '.join(STUDENT_VARIANTS)}")
+        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESET_NAMES)}")
     return derive_student_config(SDXL_BASE, name)

@@ -13,23 +13,24 @@ from typing import Any
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from koala_jax.naming import flax_path_to_torch_module, torch_module_to_flax_path
+from koala_jax.errors import KoalaError
+from koala_jax.models.naming import flax_path_to_torch_module, torch_module_to_flax_path
 
 _TO_FLAX = {4: (2, 3, 1, 0), 2: (1, 0)}
 _TO_TORCH = {4: (3, 2, 0, 1), 2: (1, 0)}
 
 
-class StateDictError(KeyError):
+class StateDictError(KoalaError, KeyError):
     """Missing, unexpected or mis-shaped keys between a checkpoint and the model."""
-
-    def __str__(self) -> str:  # KeyError would quote the whole message.
-        return str(self.args[0])
 
 
 def torch_key_to_flax(key: str, ndim: int) -> tuple[str, ...]:
     """'conv_in.weight' (4-D) -> ('conv_in', 'kernel'); 'conv_norm_out.weight' (1-D) -> (..., 'scale')."""
     module, _, leaf = key.rpartition(".")
-    path = torch_module_to_flax_path(module)
+    try:
+        path = torch_module_to_flax_path(module)
+    except KeyError as e:  # Not a diffusers U-Net name at all (e.g. an index after a field name).
+        raise StateDictError(f"unexpected parameter name {key!r}: {e.args[0]}") from e
     if leaf == "bias":
         return path + ("bias",)
     if leaf != "weight":
@@ -43,7 +44,8 @@ def flax_path_to_torch_key(path: tuple[str, ...]) -> str:
     return f"{flax_path_to_torch_module(path[:-1])}.{leaf}"
 
 
-def _torch_shape(path: tuple[str, ...], flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+def torch_shape(path: tuple[str, ...], flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The PyTorch-layout shape of the Flax leaf at `path` (no array needed: works on ShapeDtypeStructs)."""
     perm = _TO_TORCH.get(len(flax_shape)) if path[-1] == "kernel" else None
     return tuple(flax_shape[i] for i in perm) if perm else tuple(flax_shape)
 
@@ -80,17 +82,28 @@ def check_against(flat: Mapping[tuple[str, ...], Any], expected: Mapping[tuple[s
     (named as diffusers keys, shapes in PyTorch layout)."""
     problems = []
     for path in sorted(expected.keys() - flat.keys()):
-        problems.append(f"missing key {flax_path_to_torch_key(path)!r} "
-                        f"(model expects shape {_torch_shape(path, expected[path].shape)})")
+        problems.append(
+            f"missing key {flax_path_to_torch_key(path)!r} "
+            f"(model expects shape {torch_shape(path, expected[path].shape)})"
+        )
     for path in sorted(flat.keys() - expected.keys()):
-        problems.append(f"unexpected key {flax_path_to_torch_key(path)!r} "
-                        f"(checkpoint shape {_torch_shape(path, np.shape(flat[path]))})")
+        problems.append(
+            f"unexpected key {flax_path_to_torch_key(path)!r} "
+            f"(checkpoint shape {torch_shape(path, np.shape(flat[path]))})"
+        )
     for path in sorted(flat.keys() & expected.keys()):
         got, want = tuple(np.shape(flat[path])), tuple(expected[path].shape)
         if got != want:
-            problems.append(f"shape mismatch for {flax_path_to_torch_key(path)!r}: checkpoint "
-                            f"{_torch_shape(path, got)} vs model {_torch_shape(path, want)}")
+            problems.append(
+                f"shape mismatch for {flax_path_to_torch_key(path)!r}: checkpoint "
+                f"{torch_shape(path, got)} vs model {torch_shape(path, want)}"
+            )
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise StateDictError(f"{len(problems)} state dict problem(s):\n  {shown}{more}")
+
+
+def torch_shapes(params: Mapping) -> dict[str, tuple[int, ...]]:
+    """{diffusers key: PyTorch shape} of a params tree of arrays or ShapeDtypeStructs, reading no data."""
+    return {flax_path_to_torch_key(p): torch_shape(p, tuple(x.shape)) for p, x in flatten_dict(dict(params)).items()}

@@ -33,9 +33,7 @@ _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 def _bytes_to_unicode() -> list[str]:
     """The 256 printable stand-ins byte-level BPE uses for raw bytes, in CLIP's vocab order."""
     byte_values = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
     codes = byte_values[:]
     unprintable = [byte for byte in range(256) if byte not in byte_values]

@@ -19,12 +19,24 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+from koala_jax.errors import KoalaError
+
+_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(KoalaError, ValueError):
     """A file that is not a readable safetensors file."""
 
 
@@ -69,8 +81,9 @@ def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return out
 
 
-def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
-              metadata: Mapping[str, str] | None = None) -> None:
+def save_file(
+    tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
+) -> None:
     """Write `tensors` to `path` atomically (temporary name, then rename), one tensor at a time."""
     if sys.byteorder != "little":
         raise SafetensorsError("safetensors is little-endian; writing from a big-endian host is not supported")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -50,6 +51,18 @@ SCHEDULERS = ("euler", "euler-trailing", "dpm++")
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def pick_device(dtype: str | None) -> tuple[str, str]:
+    """(device, dtype name): the GPU when there is one, else the CPU with a warning."""
+    if torch.cuda.is_available():
+        return "cuda", dtype or "fp16"
+    print("warning: no GPU found; sampling on the CPU (slow)", file=sys.stderr)
+    return "cpu", dtype or "fp32"
+
+
+def peak_gpu_memory_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
 def make_scheduler(name: str, config: dict):
     """A scheduler built from the pipeline's own scheduler config (betas, offsets), as the model cards do."""
     if name == "euler":
@@ -78,14 +91,21 @@ def png_info(metadata: dict) -> PngInfo:
     return info
 
 
-def generate(pipe: StableDiffusionXLPipeline, prompt: str, negative_prompt: str | None, settings: Settings,
-             seed: int) -> tuple[Image.Image, float]:
+def generate(
+    pipe: StableDiffusionXLPipeline, prompt: str, negative_prompt: str | None, settings: Settings, seed: int
+) -> tuple[Image.Image, float]:
     """(image, seconds) for one prompt; the seed fixes the initial noise (a CPU generator, so a seed
     gives the same noise on every device)."""
     start = time.perf_counter()
-    image = pipe(prompt=prompt, negative_prompt=negative_prompt, num_inference_steps=settings.steps,
-                 guidance_scale=settings.guidance, height=settings.height, width=settings.width,
-                 generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+    image = pipe(
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        num_inference_steps=settings.steps,
+        guidance_scale=settings.guidance,
+        height=settings.height,
+        width=settings.width,
+        generator=torch.Generator("cpu").manual_seed(seed),
+    ).images[0]
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return image, time.perf_counter() - start

@@ -9,8 +9,19 @@ from __future__ import annotations
 
 import re
 
-LIST_NAMES = frozenset({"down_blocks", "up_blocks", "resnets", "attentions", "transformer_blocks",
-                        "downsamplers", "upsamplers", "to_out", "net"})
+LIST_NAMES = frozenset(
+    {
+        "down_blocks",
+        "up_blocks",
+        "resnets",
+        "attentions",
+        "transformer_blocks",
+        "downsamplers",
+        "upsamplers",
+        "to_out",
+        "net",
+    }
+)
 _INDEXED = re.compile(r"^(?P<name>[a-z_0-9]+?)_(?P<index>\d+)$")
 
 

@@ -13,12 +13,9 @@ renamed when complete: a crash never leaves a folder that looks like a finished 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,11 +25,12 @@ import orbax.checkpoint as ocp
 from flax.traverse_util import flatten_dict, unflatten_dict
 from orbax.checkpoint import type_handlers
 
-from koala_jax.loading import abstract_params
-from koala_jax.models import UNetConfig
-from koala_jax.state_dict import check_against
+from koala_jax.errors import MissingPathError
+from koala_jax.models import UNetConfig, abstract_params
+from koala_jax.weights.atomic import atomic_output_dir
+from koala_jax.weights.diffusers_dir import CONFIG_NAME
+from koala_jax.weights.state_dict import check_against
 
-CONFIG_NAME = "config.json"
 PARAMS_NAME = "params"
 RESTORE_CHUNK_BYTES = 2**30
 
@@ -46,47 +44,12 @@ def is_params_dir(path: str | os.PathLike) -> bool:
 def _checkpointer() -> ocp.Checkpointer:
     registry = type_handlers.create_type_handler_registry(
         (np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
-        (jax.Array, type_handlers.get_type_handler(jax.Array)))  # Unused (leaves are numpy), but orbax wants one.
-    handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=1, restore_concurrent_gb=1, use_compression=False,
-                                          type_handler_registry=registry)
+        (jax.Array, type_handlers.get_type_handler(jax.Array)),
+    )  # Unused (leaves are numpy), but orbax wants one.
+    handler = ocp.PyTreeCheckpointHandler(
+        save_concurrent_gb=1, restore_concurrent_gb=1, use_compression=False, type_handler_registry=registry
+    )
     return ocp.Checkpointer(handler)
-
-
-def check_output_free(out: str | os.PathLike, overwrite: bool = False) -> None:
-    """Refuse an existing output unless `overwrite` (call it before expensive work)."""
-    if Path(out).exists() and not overwrite:
-        raise FileExistsError(f"{Path(out).absolute()} already exists (pass --overwrite to replace it)")
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `out`; rename it to `out` if the block succeeds, delete it if not.
-
-    An existing `out` is refused up front (before any expensive work) unless `overwrite`; with it the
-    old folder is only removed after the new one is complete.
-    """
-    out = Path(out).absolute()
-    check_output_free(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    done = False
-    try:
-        yield tmp
-        done = True
-    finally:
-        if not done:
-            shutil.rmtree(tmp, ignore_errors=True)
-    if out.exists():
-        old = out.with_name(f"{out.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(out, old)
-        os.rename(tmp, out)
-        if old.is_dir():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
-    else:
-        os.rename(tmp, out)
 
 
 def write_params(folder: str | os.PathLike, params: dict, config: UNetConfig) -> None:
@@ -110,7 +73,7 @@ def read_params_config(path: str | os.PathLike) -> UNetConfig:
     """The UNetConfig of a JAX params dir, without reading any weights."""
     path = Path(path)
     if not is_params_dir(path):
-        raise FileNotFoundError(f"{path}: not a JAX params dir (expected {CONFIG_NAME} and {PARAMS_NAME}/)")
+        raise MissingPathError(f"{path}: not a JAX params dir (expected {CONFIG_NAME} and {PARAMS_NAME}/)")
     return UNetConfig.from_diffusers(json.loads((path / CONFIG_NAME).read_text()))
 
 
