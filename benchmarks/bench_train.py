@@ -41,6 +41,7 @@ import ml_collections
 import numpy as np
 
 from koala_jax.models import UNet2DConditionModel, UNetConfig, param_count, random_params
+from koala_jax.models.common import ATTENTION_IMPLS
 from koala_jax.students.presets import STUDENT_VARIANTS, derive_student_config, preset
 from koala_jax.train import sharding
 from koala_jax.train.config import base_config
@@ -416,7 +417,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated module kinds to rematerialise (resnet, transformer_block, "
         "attention_block) or 'none'; torch: any -> diffusers gradient checkpointing",
     )
-    p.add_argument("--attention-impl", choices=["xla", "cudnn", "auto"], default="auto")
+    p.add_argument("--attention-impl", choices=ATTENTION_IMPLS, default="auto")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda", help="the PyTorch side's device")
     p.add_argument(
         "--torch-compile",

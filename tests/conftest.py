@@ -69,6 +69,24 @@ NO_MID_CONV_PROJ = {
     "freq_shift": 1,
 }
 
+# Per-pair transformer depths as SSD-1B and Segmind-Vega write them (nested lists; an entry for a block
+# without attention that is not one per pair; a depth-0 attention; one decoder list per up block) with
+# their single-resnet mid block.
+PER_PAIR = {
+    **SDXL_LIKE,
+    "mid_block_type": "UNetMidBlock2D",
+    "transformer_layers_per_block": [[1], [2, 1], [2, 0]],
+    "reverse_transformer_layers_per_block": [[2, 1, 3], [1, 0, 1], 1],
+}
+# Per-pair depths with an attention mid block (whose depth diffusers takes from the deepest down block's
+# first pair: 2 here) and a different number of pairs per stage.
+PER_PAIR_MID = {
+    **SDXL_LIKE,
+    "layers_per_block": [1, 2, 2],
+    "transformer_layers_per_block": [1, [1, 2], [2, 1]],
+    "reverse_transformer_layers_per_block": [[1, 3, 2], [2, 0, 1], 1],
+}
+
 # A tiny SDXL-family teacher (two residual blocks per encoder stage, depth 4 at the deepest stage) from
 # which KOALA students are derived in tests.
 TINY_TEACHER = {

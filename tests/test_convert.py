@@ -173,7 +173,7 @@ def test_pipeline_export_runs_in_diffusers(teacher, teacher_jax, tmp_path):
     folder, _ = teacher
     out = tmp_path / "pipeline"
     assert run("to-diffusers", "--checkpoint", teacher_jax, "--out", out, "--pipeline", folder) == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in folder.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(p.name for p in folder.iterdir()), "README.md"])
     assert (out / "vae" / WEIGHTS).read_bytes() == (folder / "vae" / WEIGHTS).read_bytes()
     pipe = StableDiffusionXLPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
@@ -272,6 +272,18 @@ ERROR_CASES = {
         "text encoders give 64-d token embeddings",
     ),
     "unknown preset": (lambda t, j, p: ["info", "koala-2b"], "not a preset"),
+    "single file not .safetensors": (
+        lambda t, j, p: ["to-single-file", "--checkpoint", j, "--out", p / "o"],
+        "a single file is written as .safetensors",
+    ),
+    "push a JAX student": (
+        lambda t, j, p: ["student", "--teacher", j, "--variant", "koala-1b", "--push-to-hub", "a/b", "--out", p / "o"],
+        "--push-to-hub uploads a diffusers export",
+    ),
+    "unknown student": (
+        lambda t, j, p: ["student", "--teacher", j, "--spec", "koala-2b", "--out", p / "o"],
+        "unknown student 'koala-2b': give a variant",
+    ),
     "pipeline as JAX": (
         lambda t, j, p: ["student", "--teacher", t, "--variant", "koala-1b", "--pipeline", t, "--out", p / "o"],
         "use it with --format diffusers or both",

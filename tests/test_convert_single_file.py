@@ -1,10 +1,10 @@
 """Single-file checkpoints (original Stability/LDM keys, U-Net-only or whole, safetensors or an allowed pickle)
 load to the same params as the diffusers model they were made from.
 
-diffusers' package has no diffusers -> original converter for U-Nets (only its repository scripts do), so
-the original-format files are written by inverting diffusers' own `convert_ldm_unet_checkpoint`: each
-diffusers key gets its original key by the block arithmetic below, and `to_original` first proves the
-inversion exact by running diffusers' converter on the result and getting every key back.
+The original-format files are written with our own diffusers -> original mapping
+(`koala_jax.weights.single_file.unet_to_original`), which is first proven against diffusers' own reader:
+`convert_ldm_unet_checkpoint` maps every original key we write back to the diffusers key it came from
+(for one `layers_per_block`, all diffusers' converter can number; per-stage counts are read by ours).
 """
 
 from __future__ import annotations
@@ -23,29 +23,19 @@ from koala_jax.weights import read_source
 from koala_jax.weights.export import materialize
 from koala_jax.weights.params_dir import load_params
 from koala_jax.weights.safetensors import save_file
+from koala_jax.weights.single_file import LDM_PREFIX, unet_to_original
 from koala_jax.weights.state_dict import torch_to_flax
 
-from tests.conftest import NO_MID_CONV_PROJ, TINY_TEACHER, assert_trees_equal, numpy_state, randomize_, run
+from tests.conftest import (
+    NO_MID_CONV_PROJ,
+    PER_PAIR,
+    TINY_TEACHER,
+    assert_trees_equal,
+    numpy_state,
+    randomize_,
+    run,
+)
 
-LDM = "model.diffusion_model."
-TOP = {
-    "conv_in": "input_blocks.0.0",
-    "time_embedding.linear_1": "time_embed.0",
-    "time_embedding.linear_2": "time_embed.2",
-    "add_embedding.linear_1": "label_emb.0.0",
-    "add_embedding.linear_2": "label_emb.0.2",
-    "conv_norm_out": "out.0",
-    "conv_out": "out.2",
-}
-RESNET = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "time_emb_proj": "emb_layers.1",
-    "conv_shortcut": "skip_connection",
-}
-MID = {("resnets", 0): 0, ("attentions", 0): 1, ("resnets", 1): 2}
 # Everything the weights do not determine is SDXL-Base's here (32 norm groups, 64 channels per head, 256-d
 # time ids), so the architecture can be inferred from the file alone.
 INFERABLE = {
@@ -62,6 +52,14 @@ INFERABLE = {
     "addition_time_embed_dim": 256,
     "projection_class_embeddings_input_dim": 16 + 6 * 256,
 }
+# The same with a different number of pairs per stage, per-pair depths (a depth-0 attention) and an
+# attention mid block whose depth is the deepest down block's first (2).
+INFERABLE_PER_PAIR = {
+    **INFERABLE,
+    "layers_per_block": [1, 2],
+    "transformer_layers_per_block": [1, [2, 1]],
+    "reverse_transformer_layers_per_block": [[2, 0, 1], 1],
+}
 # Keys of the other models in a whole SDXL checkpoint, which the U-Net reader must ignore.
 OTHER_MODELS = {
     "first_stage_model.decoder.conv_in.weight": np.ones((4, 4, 3, 3), np.float32),
@@ -69,38 +67,21 @@ OTHER_MODELS = {
 }
 
 
-def original_key(key: str, layers: int, up_with_attention: set[int]) -> str:
-    """The original key of a diffusers U-Net key (uniform `layers_per_block`)."""
-    module, leaf = key.rsplit(".", 1)
-    if module in TOP:
-        return f"{TOP[module]}.{leaf}"
-    parts = module.split(".")
-    if parts[0] == "mid_block":
-        kind, rest = parts[1], parts[3:]
-        block = f"middle_block.{MID[kind, int(parts[2])]}"
-    else:
-        stage, kind, rest = int(parts[1]), parts[2], parts[4:]
-        j = layers if kind in ("downsamplers", "upsamplers") else int(parts[3])
-        if parts[0] == "down_blocks":
-            block = f"input_blocks.{1 + stage * (layers + 1) + j}.{'1' if kind == 'attentions' else '0'}"
-            rest = ["op"] if kind == "downsamplers" else rest
-        else:
-            slot = {"resnets": "0", "attentions": "1", "upsamplers": "2" if stage in up_with_attention else "1"}[kind]
-            block = f"output_blocks.{stage * (layers + 1) + j}.{slot}"
-    if kind == "resnets":
-        rest = [RESNET.get(rest[0], rest[0]), *rest[1:]]
-    return ".".join([block, *rest, leaf])
+def to_original(state: dict[str, np.ndarray], config: dict) -> dict[str, np.ndarray]:
+    """`state` under original whole-checkpoint keys, by our mapping."""
+    return unet_to_original(state, UNetConfig.from_diffusers(config))
 
 
-def to_original(state: dict[str, np.ndarray], layers: int) -> dict[str, np.ndarray]:
-    """`state` under original whole-checkpoint keys, checked against diffusers' own converter."""
-    up_with_attention = {int(k.split(".")[1]) for k in state if k.startswith("up_blocks.") and ".attentions." in k}
-    keys = {k: original_key(k, layers, up_with_attention) for k in state}
+@pytest.mark.parametrize("cfg", [TINY_TEACHER, PER_PAIR], ids=["tiny teacher", "per-pair depths"])
+def test_our_original_names_are_the_ones_diffusers_reads(cfg):
+    with torch.device("meta"):
+        keys = list(TorchUNet(**cfg).state_dict())
+    original = to_original({k: k for k in keys}, cfg)  # original key -> the diffusers key it came from
+    assert len(original) == len(keys)
     back = convert_ldm_unet_checkpoint(
-        {LDM + o: o for o in keys.values()}, {"layers_per_block": layers, "addition_embed_type": "text_time"}
+        {o: o for o in original}, {"layers_per_block": cfg["layers_per_block"], "addition_embed_type": "text_time"}
     )
-    assert back == keys  # diffusers maps every original key back to the diffusers key it came from.
-    return {LDM + keys[k]: v for k, v in state.items()}
+    assert back == {d: o for o, d in original.items()}
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +95,7 @@ def tiny(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
 
 def test_whole_original_checkpoint_with_config(tiny, tmp_path):
     folder, state = tiny
-    save_file({**to_original(state, layers=2), **OTHER_MODELS}, tmp_path / "sd_xl_tiny.safetensors")
+    save_file({**to_original(state, TINY_TEACHER), **OTHER_MODELS}, tmp_path / "sd_xl_tiny.safetensors")
     assert (
         run(
             "to-jax",
@@ -132,20 +113,24 @@ def test_whole_original_checkpoint_with_config(tiny, tmp_path):
     assert_trees_equal(params, torch_to_flax(state))
 
 
-@pytest.mark.parametrize("keys", ["original U-Net only", "diffusers"])
-def test_config_inferred_from_a_single_file(keys, tmp_path):
+@pytest.mark.parametrize(
+    "keys,cfg",
+    [("original U-Net only", INFERABLE), ("diffusers", INFERABLE), ("original U-Net only", INFERABLE_PER_PAIR)],
+    ids=["original", "diffusers", "original per-pair"],
+)
+def test_config_inferred_from_a_single_file(keys, cfg, tmp_path):
     """(The CLI path from a source to a JAX dir is the same for every source: tested above.)"""
-    state = numpy_state(randomize_(TorchUNet(**INFERABLE), seed=5))
-    tensors = {k[len(LDM) :]: v for k, v in to_original(state, 2).items()} if keys.startswith("original") else state
-    save_file(tensors, tmp_path / "unet.safetensors")
+    state = numpy_state(randomize_(TorchUNet(**cfg), seed=5))
+    original = {k[len(LDM_PREFIX) :]: v for k, v in to_original(state, cfg).items()}
+    save_file(original if keys.startswith("original") else state, tmp_path / "unet.safetensors")
     config, params = read_source(tmp_path / "unet.safetensors")
-    assert config == UNetConfig.from_diffusers(INFERABLE)
+    assert config == UNetConfig.from_diffusers(cfg)
     assert_trees_equal(materialize(params, np.float32), torch_to_flax(state))
 
 
 def test_pickle_only_when_allowed(tiny, tmp_path, capsys):
     folder, state = tiny
-    bf16 = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in to_original(state, 2).items()}
+    bf16 = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in to_original(state, TINY_TEACHER).items()}
     torch.save({"state_dict": {**bf16, "global_step": 7}}, tmp_path / "model.ckpt")
     assert run("to-jax", "--src", tmp_path / "model.ckpt", "--config", folder, "--out", tmp_path / "refused") == 1
     assert "--allow-pickle" in capsys.readouterr().err and not (tmp_path / "refused").exists()

@@ -201,3 +201,19 @@ def test_export_training_run_to_diffusers(straight_and_sharded, tmp_path):
         model.state_dict()["conv_in.weight"].numpy(), np.transpose(ema["conv_in"]["kernel"], (3, 2, 0, 1))
     )
     assert isinstance(model.state_dict()["conv_out.bias"], torch.Tensor) and model.config.mid_block_type is None
+
+
+def test_plain_diffusion_training_of_the_teachers_own_architecture(tmp_path):
+    """student.variant='same', random init, task loss only: the teacher is never run (both KD terms are 0)
+    and the trained model is the teacher's architecture, whose task loss goes down."""
+    steps = 8
+    history, _ = finish(
+        start_worker(tmp_path, "--steps", str(steps), "--set", "student.variant='same'", "--set", "student.init='random'",
+                     "--set", "kd.out=0.0", "--set", "kd.feat=0.0", "--set", "optim.lr=3e-3")
+    )
+    assert all(r["out_kd"] == 0.0 and r["feat_kd"] == 0.0 and r["total"] == r["task"] for r in history)
+    first, last = np.mean([r["task"] for r in history[:3]]), np.mean([r["task"] for r in history[-3:]])
+    print(f"task loss, mean of the first 3 steps {first:.3f}, of the last 3 {last:.3f}")
+    assert last < first
+    config, params = restore_params(tmp_path, ema=False)
+    assert config.layers_per_block == (2, 2) and config.mid_block_type is not None  # MICRO_TEACHER's own shape

@@ -23,7 +23,7 @@ def test_config_loads(path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     cfg = module.get_config()
-    assert cfg.student.variant in ("koala-1b", "koala-700m") and cfg.data.global_batch_size > 0
+    assert cfg.student.variant in ("koala-1b", "koala-700m", "same") and cfg.data.global_batch_size > 0
     assert "python train.py --config" in module.__doc__ or path.stem != "tiny"
 
 

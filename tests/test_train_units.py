@@ -101,16 +101,18 @@ def test_fsdp_rule_and_mesh_errors():
 def test_preview_sampler_timesteps_and_sigmas_match_diffusers_euler_trailing():
     from diffusers import EulerDiscreteScheduler
 
-    from koala_jax.train.preview import euler_timesteps, grid, latent_preview
+    from koala_jax.train.preview import euler_schedule, grid, latent_preview
 
     ref = EulerDiscreteScheduler(
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="trailing"
     )
     ref.set_timesteps(10)
-    ts = euler_timesteps(NoiseSchedule(), 10)
-    np.testing.assert_array_equal(ts, ref.timesteps.numpy().astype(np.int64))
-    abar = NoiseSchedule().alphas_cumprod[ts]
-    np.testing.assert_allclose(np.sqrt((1 - abar) / abar), ref.sigmas.numpy()[:-1], rtol=1e-5)
+    schedule = euler_schedule(NoiseSchedule())
+    ts = schedule.timesteps(10)
+    np.testing.assert_array_equal(ts, ref.timesteps.numpy())
+    np.testing.assert_allclose(schedule.sigmas(ts), ref.sigmas.numpy(), rtol=1e-5)
+    # The sampler's schedule is the training one.
+    np.testing.assert_allclose(schedule.alphas_cumprod, NoiseSchedule().alphas_cumprod, rtol=1e-6)
     images = latent_preview(np.random.default_rng(0).standard_normal((3, 4, 5, 6)))
     assert images.shape == (3, 5, 6, 3) and images.min() == 0.0 and images.max() == 1.0
     assert grid(images, columns=2).shape == (10, 12, 3)

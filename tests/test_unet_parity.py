@@ -9,10 +9,21 @@ import pytest
 from diffusers import UNet2DConditionModel as TorchUNet
 
 from koala_jax import ForwardOptions, UNet2DConditionModel, UNetConfig
+from koala_jax.models import abstract_params
 from koala_jax.models.common import CAPTURE_KINDS
 from koala_jax.weights.state_dict import torch_to_flax
 
-from tests.conftest import MICRO, NO_MID_CONV_PROJ, SDXL_LIKE, make_inputs, randomize_, rel_err, torch_forward
+from tests.conftest import (
+    MICRO,
+    NO_MID_CONV_PROJ,
+    PER_PAIR,
+    PER_PAIR_MID,
+    SDXL_LIKE,
+    make_inputs,
+    randomize_,
+    rel_err,
+    torch_forward,
+)
 
 TOL = 1e-5
 
@@ -52,6 +63,39 @@ def test_features_match_diffusers(pair):
     print(f"{len(want)} features, worst max rel err {worst:.2e}")
     assert worst <= TOL
     assert rel_err(out, want_out) <= TOL
+
+
+# Per-pair depths without a mid block, over 4 stages with conv projections.
+PER_PAIR_NO_MID = {
+    **NO_MID_CONV_PROJ,
+    "transformer_layers_per_block": [[1], [2, 1], 0, 1],
+    "reverse_transformer_layers_per_block": [1, [1, 2], [2, 0, 1], 1],
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "single-resnet mid",
+        pytest.param("attention mid", marks=pytest.mark.slow),
+        pytest.param("no mid", marks=pytest.mark.slow),
+    ],
+)
+def test_per_pair_depths_match_diffusers(name):
+    """Per-pair (nested) transformer depths, depth-0 attentions and each kind of mid block: the output and
+    every feature equal diffusers' (the model is built from diffusers' own full config.json)."""
+    cfg = {"single-resnet mid": PER_PAIR, "attention mid": PER_PAIR_MID, "no mid": PER_PAIR_NO_MID}[name]
+    torch_model = randomize_(TorchUNet(**cfg), seed=5)
+    config = UNetConfig.from_diffusers(dict(torch_model.config))
+    params = torch_to_flax({k: v.numpy() for k, v in torch_model.state_dict().items()}, abstract_params(config))
+    x = make_inputs(cfg, 1, 8, 8, per_sample_t=False, seed=2)
+    want_out, want = torch_forward(torch_model, x, capture=True)
+    unet = UNet2DConditionModel(config, ForwardOptions(capture=CAPTURE_KINDS))
+    out, got = jax.jit(unet.apply_with_features)({"params": params}, **x)
+    assert sorted(got) == sorted(want)
+    worst = max(rel_err(got[k], want[k]) for k in want)
+    print(f"{name}: {len(want)} features, worst max rel err {worst:.2e}, output {rel_err(out, want_out):.2e}")
+    assert worst <= TOL and rel_err(out, want_out) <= TOL
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -16,7 +17,25 @@ from koala_jax.models.config import UnsupportedConfigError
 from koala_jax.students.presets import PARAM_COUNTS
 from koala_jax.weights.state_dict import StateDictError, flax_to_torch, torch_shapes, torch_to_flax
 
-from tests.conftest import NO_MID_CONV_PROJ, SDXL_LIKE, TINY_TEACHER, randomize_
+from tests.conftest import NO_MID_CONV_PROJ, PER_PAIR, SDXL_LIKE, TINY_TEACHER, randomize_
+
+# SSD-1B's U-Net as a diffusers config: SDXL's fields with per-pair depths and a single-resnet mid block
+# (from a public reconstruction of segmind/SSD-1B's config; its count, 1,331,334,404, is the published
+# "1.3B"). Segmind-Vega's is constructed the same way from ComfyUI's depths for it (encoder 0,0 / 1,1 / 2,2)
+# and SSD-1B's kind of decoder; its count, 745,225,604, is the published 745M.
+SDXL_CONFIG = koala_jax.preset("sdxl-base").to_diffusers()
+SSD_1B = {
+    **SDXL_CONFIG,
+    "mid_block_type": "UNetMidBlock2D",
+    "transformer_layers_per_block": [[1], [2, 2], [4, 4]],
+    "reverse_transformer_layers_per_block": [[4, 4, 10], [2, 1, 1], 1],
+}
+VEGA = {
+    **SDXL_CONFIG,
+    "mid_block_type": "UNetMidBlock2D",
+    "transformer_layers_per_block": [[1], [1, 1], [2, 2]],
+    "reverse_transformer_layers_per_block": [[2, 2, 2], [1, 1, 1], 1],
+}
 
 
 @pytest.mark.parametrize("name", ["sdxl-base", "koala-1b", "koala-700m"])
@@ -33,6 +52,84 @@ def test_full_size_shapes_match_diffusers(name):
         ref = TorchUNet(**koala_jax.preset(name).to_diffusers())
     want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     assert torch_shapes(abstract_params(koala_jax.preset(name))) == want
+
+
+@pytest.mark.parametrize("name,cfg,count", [("ssd-1b", SSD_1B, 1_331_334_404), ("vega", VEGA, 745_225_604)])
+def test_full_size_per_pair_models_match_diffusers(name, cfg, count):
+    """SSD-1B- and Vega-shaped U-Nets: every tensor shape and the parameter count equal diffusers' (meta
+    device), and the parsed config writes back a config diffusers builds the same model from."""
+    config = koala_jax.UNetConfig.from_diffusers(cfg)
+    with torch.device("meta"):
+        ref = TorchUNet(**cfg)
+        again = TorchUNet(**config.to_diffusers())
+    want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    print(f"{name}: {koala_jax.param_count(config):,} parameters")
+    assert torch_shapes(abstract_params(config)) == want
+    assert koala_jax.param_count(config) == sum(p.numel() for p in ref.parameters()) == count
+    assert {k: tuple(v.shape) for k, v in again.state_dict().items()} == want
+    assert koala_jax.UNetConfig.from_diffusers(config.to_diffusers()) == config and hash(config)
+
+
+def test_per_pair_depths_are_read_as_diffusers_reads_them():
+    """Nested depth lists no longer end in `unhashable type: 'list'`; equal architectures compare equal."""
+    config = koala_jax.UNetConfig.from_diffusers(PER_PAIR)
+    assert config.transformer_layers_per_block == (1, (2, 1), (2, 0))  # [1]: one depth for every pair
+    assert config.down_depths(0) == () and config.down_depths(1) == (2, 1) and config.up_depths(0) == (2, 1, 3)
+    assert config.up_depths(2) == () and config.mid_depths() == () and config.mid_block_type == "UNetMidBlock2D"
+    uniform = koala_jax.UNetConfig.from_diffusers(
+        {**SDXL_LIKE, "transformer_layers_per_block": [1, [2, 2], 3], "reverse_transformer_layers_per_block": [3, 2, 1]}
+    )
+    assert uniform == koala_jax.UNetConfig.from_diffusers(SDXL_LIKE)
+    # The mid block's depth: the deepest down block's first (diffusers' transformer_layers_per_block[-1]).
+    mid = koala_jax.UNetConfig.from_diffusers(
+        {**SDXL_LIKE, "transformer_layers_per_block": [1, 2, [3, 1]], "reverse_transformer_layers_per_block": [1, 2, 1]}
+    )
+    assert mid.mid_depths() == (3,)
+    with torch.device("meta"):
+        ref = TorchUNet(**mid.to_diffusers())
+    assert len(ref.mid_block.attentions[0].transformer_blocks) == 3
+
+
+UNSUPPORTED = {
+    "lists without decoder depths": (
+        {"transformer_layers_per_block": [1, [2, 1], 3]},
+        "'reverse_transformer_layers_per_block' is required",
+    ),
+    "one depth too many": (
+        {"transformer_layers_per_block": [1, [2, 1, 1], 3], "reverse_transformer_layers_per_block": [3, 2, 1]},
+        "down_blocks.1 (CrossAttnDownBlock2D) has 2 resnet/attention pairs",
+    ),
+    "decoder list too short": (
+        {"reverse_transformer_layers_per_block": [[3, 3], 2, 1]},
+        "up_blocks.0 (CrossAttnUpBlock2D) has 3 resnet/attention pairs",
+    ),
+    "negative depth": ({"transformer_layers_per_block": [1, -1, 3]}, "entry 1 = -1 is not an int >= 0"),
+    "too many entries": ({"transformer_layers_per_block": [1, 2, 3, 4]}, "'transformer_layers_per_block'"),
+    "decoder depths not a list": (
+        {"reverse_transformer_layers_per_block": 2},
+        "'reverse_transformer_layers_per_block'",
+    ),
+    "empty mid depth": (
+        {
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            "transformer_layers_per_block": [1, 2, []],
+            "reverse_transformer_layers_per_block": [1, 2, 1],
+        },
+        "the mid block takes its depth from it",
+    ),
+    "mid with attention variant": ({"mid_block_type": "UNetMidBlock2DSimpleCrossAttn"}, "'mid_block_type'"),
+    "groups": ({"norm_num_groups": 5}, "'norm_num_groups'"),
+    "cross widths": ({"cross_attention_dim": [48, 48, 32]}, "'cross_attention_dim'"),
+    "layers as text": ({"layers_per_block": "2"}, "'layers_per_block'"),
+    "no pooled width": ({"projection_class_embeddings_input_dim": 48}, "projection_class_embeddings_input_dim"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNSUPPORTED))
+def test_configs_we_cannot_build_are_refused_by_field(case):
+    change, message = UNSUPPORTED[case]
+    with pytest.raises(UnsupportedConfigError, match=re.escape(message)):
+        koala_jax.UNetConfig.from_diffusers({**SDXL_LIKE, **change})
 
 
 def test_student_derivation_from_tiny_teacher():

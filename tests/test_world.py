@@ -255,3 +255,35 @@ def test_accuracy_averages_only_constrained_items():
     result = detector.accuracy(images, [p.spec for p in prompts])
     assert result["n"] == 4 and result["shape"] == 1.0 and result["colour"] == 0.5 and result["count"] == 1.0
     assert np.isnan(result["size"]) and np.isnan(result["relation"])
+
+
+def test_world_is_a_preparation_input_form():
+    from koala_jax.data.ingest import open_collection
+
+    collection = open_collection("world:40:mixed:3")
+    assert len(collection) == 40 and collection.description == "world:seed=3,n=40,style=mixed,res=64"
+    styles = {collection.caption_style(i) for i in range(40)}
+    assert styles == {"short", "rich"}
+    for i in range(40):
+        record = collection.load(i)
+        assert record.caption == world.caption(collection.scene(i), collection.caption_style(i))
+
+
+@pytest.mark.parametrize("spec", ["world:", "world:0", "world:ten", "world:5:long", "world:5:rich:x", "world:1:2:3:4"])
+def test_bad_world_specs_are_one_clear_error(spec):
+    from koala_jax.data.ingest import open_collection
+    from koala_jax.errors import DataError
+
+    with pytest.raises(DataError, match="world"):
+        open_collection(spec)
+
+
+def test_world_words_are_single_tokens():
+    """The tiny world's tokenizer keeps every vocabulary word whole (any other text falls back to bytes)."""
+    from koala_jax.pipelines.tiny import _tiny_tokenizer
+
+    tokenizer = _tiny_tokenizer("!", world.vocabulary())
+    text = world.caption(world.scene_at(0, 5), "rich")
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(text).input_ids)[1:-1]
+    assert [t.removesuffix("</w>") for t in tokens] == world.words(text)
+    assert len(tokenizer("a koala").input_ids) == 2 + 1 + len("koala")  # bos, "a", k-o-a-l-a, eos

@@ -36,6 +36,12 @@ def micro_config(workdir: str, teacher_json: str, steps: int, mesh: tuple[int, i
     return c
 
 
+def get_config():
+    """The micro run as a train.py config file, for tests of the command itself (error policy, signals, lock):
+    `train.py --config tests/train_worker.py --config.workdir=DIR --config.teacher.source=random:MICRO.json`."""
+    return micro_config("runs/micro", "micro_teacher.json", 6)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("workdir")

@@ -4,6 +4,9 @@
 
 writes ArrayRecord shards of latents, text embeddings and SDXL micro-conditioning that
 train.py reads (see docs/data.md). Rerun the same command to resume after a crash.
+`--backend jax` encodes with the JAX VAE and text encoders (no torch; TPU hosts), each batch
+split over the local devices; with `--distributed` every host of a pod runs the same command and
+takes its own share of the shards.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import math
 
 from koala_jax.cli.runner import make_parser, run
 from koala_jax.data import ingest
+from koala_jax.errors import ConfigError, KoalaError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     encode.add_argument("--batch-size", type=int, default=16)
     encode.add_argument(
+        "--backend",
+        choices=("torch", "jax"),
+        default="torch",
+        help="encoders: diffusers/transformers (torch) or our Flax modules (jax: no torch, all local devices)",
+    )
+    encode.add_argument(
         "--dtype",
         default="float32",
         choices=("float32", "float16", "bfloat16"),
@@ -100,20 +110,48 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument(
         "--task-index",
         type=int,
-        default=0,
-        help="this machine's share of the shards: k with k %% task-count == task-index",
+        default=None,
+        help="this machine's share of the shards: k with k %% task-count == task-index "
+        "(default: 0; the JAX process index with --backend jax)",
     )
-    shards.add_argument("--task-count", type=int, default=1)
+    shards.add_argument(
+        "--task-count", type=int, default=None, help="default: 1; the JAX process count with --backend jax"
+    )
+    shards.add_argument(
+        "--distributed",
+        action="store_true",
+        help="--backend jax on several hosts (TPU pod, SLURM): jax.distributed.initialize() first",
+    )
     return parser
+
+
+def task_share(args: argparse.Namespace) -> tuple[int, int]:
+    """(task index, task count): as given, else this JAX process's index and the process count (jax backend;
+    after --distributed these are the host's place in the pod), else one task."""
+    if args.backend == "jax":
+        import jax
+
+        if args.distributed:
+            jax.distributed.initialize()
+        index, count = jax.process_index(), jax.process_count()
+    else:
+        index, count = 0, 1
+    given = args.task_index, args.task_count
+    return (index if given[0] is None else given[0], count if given[1] is None else given[1])
 
 
 def prepare(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.backend == "jax" and (args.device or args.torch_threads):
+        raise ConfigError("--device and --torch-threads are for --backend torch")
+    if args.distributed and args.backend != "jax":
+        raise ConfigError("--distributed is for --backend jax")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    from koala_jax.data import prepare  # torch: imported only once the arguments are fine
+    from koala_jax.data import prepare  # imported only once the arguments are fine
 
     if args.torch_threads:
         prepare.set_torch_threads(args.torch_threads)
+    task_index, task_count = task_share(args)
 
     options = ingest.InputOptions(
         caption_key=args.caption_key,
@@ -134,10 +172,17 @@ def prepare(argv: list[str]) -> int:
         dtype=args.dtype,
         device=args.device,
         num_threads=args.num_threads,
-        task_index=args.task_index,
-        task_count=args.task_count,
+        task_index=task_index,
+        task_count=task_count,
+        backend=args.backend,
     )
-    collection = ingest.open_collection(args.input, args.input_kind, options)
+    problems = config.problems()  # Every mistake in one message, before a model is loaded or a file written.
+    try:
+        collection = ingest.open_collection(args.input, args.input_kind, options)
+    except (KoalaError, OSError) as e:
+        raise ConfigError("; ".join([*problems, f"--input: {e}"])) from e
+    if problems:
+        raise ConfigError("; ".join(problems))
     report = prepare.prepare_dataset(collection, config)
     if report is None:
         print("this task's shards are done; rerun any task after all finish to write the metadata")

@@ -7,6 +7,7 @@ Any key of the config can be overridden (`--config.optim.lr=1e-5`); an unknown k
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from koala_jax.cli.runner import run
-from koala_jax.errors import KoalaError, MissingPathError
+from koala_jax.errors import ConfigError, KoalaError, MissingPathError
 from koala_jax.train.config import RENAMED
 
 FLAGS = flags.FlagValues()
@@ -25,7 +26,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show library logs (orbax, absl, grain).", flag_values=FLAGS)
 flags.DEFINE_bool("debug", False, "Show the traceback of an error.", flag_values=FLAGS)
-NOISY_LOGGERS = ("absl", "orbax", "jax", "grain", "tensorflow_datasets")
+NOISY_LOGGERS = ("absl", "orbax", "jax", "grain", "tensorflow_datasets", "asyncio")
 
 
 def check_renamed(argv: list[str]) -> None:
@@ -59,9 +60,16 @@ def parse(argv: list[str]):
     except flags.Error as e:
         raise KoalaError(str(e).splitlines()[0]) from e
     except (AttributeError, KeyError) as e:  # ml_collections' answer to an override of a key that does not exist.
-        name = str(e).strip("\"'")
+        message = e
+        while isinstance(message, BaseException) and message.args:  # AttributeError(KeyError("'lrr'\nDid you..."))
+            message = message.args[0]
+        name, _, hint = str(message).partition("\n")
+        name = name.strip("\"'")
         given = [a.split("=")[0] for a in argv if a.startswith("--config.") and name in a.split("=")[0].split(".")]
-        raise KoalaError(f"unknown config key {given[0] if given else name} (see koala_jax/train/config.py)") from e
+        hint = f" ({hint.strip()})" if hint.strip() else ""
+        raise KoalaError(
+            f"unknown config key {given[0] if given else name}{hint}; see koala_jax/train/config.py"
+        ) from e
     if len(rest) > 1:
         raise KoalaError(f"unexpected arguments: {' '.join(rest[1:])}")
     if _CONFIG.value is None:
@@ -74,9 +82,10 @@ def quiet_libraries(verbose: bool) -> None:
     for our progress lines unless asked."""
     if verbose:
         return
-    absl_logging.set_verbosity(absl_logging.ERROR)
+    # Errors too: a failed checkpoint save logs a traceback per tensor; ours is the one line that says what failed.
+    absl_logging.set_verbosity(absl_logging.FATAL)
     for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def summary(cfg, result: dict) -> list[str]:
@@ -84,7 +93,10 @@ def summary(cfg, result: dict) -> list[str]:
     workdir = cfg.workdir
     ema = " --ema" if cfg.ema_decay is not None else ""
     last = result["history"][-1] if result["history"] else None
-    lines = [f"done: step {result['step']}/{cfg.total_steps}, checkpoints in {result['checkpoints']}"]
+    step = f"step {result['step']}/{cfg.total_steps}"
+    stopped = result.get("stopped")  # a signal: the checkpoint of that step is saved, the run resumes from it
+    first = f"stopped by {stopped} at {step}, checkpoint saved; rerun the same command to resume" if stopped else None
+    lines = [first or f"done: {step}, checkpoints in {result['checkpoints']}"]
     if last:
         lines.append(
             f"final loss {last['total']:.4f} (task {last['task']:.4f}, output KD {last['out_kd']:.4f}, "
@@ -97,11 +109,65 @@ def summary(cfg, result: dict) -> list[str]:
 def train_command(argv: list[str]) -> int:
     cfg = parse(argv)
     quiet_libraries(_VERBOSE.value)
+    if cfg.plan or cfg.plan_hbm_gib:  # Compile the step and report its memory; trains nothing.
+        from koala_jax.train.plan import plan
+
+        plan(cfg)
+        return 0
     from koala_jax.train.loop import train  # Heavy (jax, orbax): only once the arguments are fine.
 
     result = train(cfg)
-    print("\n".join(summary(cfg, result)), flush=True)
+    lines = summary(cfg, result)
+    if cfg.eval.prompts and result["process_index"] == 0 and not result["stopped"]:
+        lines += evaluation_summary(cfg, evaluate_run(cfg))
+    print("\n".join(lines), flush=True)
     return 0
+
+
+def evaluate_run(cfg):
+    """The run's student (EMA if kept) beside its teacher on `cfg.eval`'s prompts and seeds, written to
+    <workdir>/eval/ (report.json, report.md, grid.png); a `world_eval.WorldEvaluation`."""
+    from koala_jax.evaluation import world_eval  # Heavy: only for runs that evaluate.
+    from koala_jax.evaluation.generators import load_generator
+    from koala_jax.pipelines.sampling import Settings
+    from koala_jax.weights.pipeline_dir import default_image_size, is_pipeline_dir
+
+    pipeline = cfg.eval.pipeline or cfg.teacher.source
+    if not is_pipeline_dir(pipeline):
+        raise ConfigError(
+            f"eval needs a pipeline folder for the VAE and text encoders: eval.pipeline (default "
+            f"teacher.source) {pipeline!r} is not one"
+        )
+    size = default_image_size(pipeline)
+    settings = Settings(cfg.eval.steps, cfg.eval.guidance, cfg.eval.scheduler, size, size)
+    teacher_unet = None if os.path.samefile(pipeline, cfg.teacher.source) else cfg.teacher.source
+    generators = {
+        "teacher": load_generator("jax", pipeline, teacher_unet, settings, batch_size=cfg.eval.batch_size),
+        "student": load_generator(
+            "jax", pipeline, cfg.workdir, settings, ema=cfg.ema_decay is not None, batch_size=cfg.eval.batch_size
+        ),
+    }
+    result = world_eval.evaluate_world(
+        generators, world_eval.prompt_set(cfg.eval.prompts), list(cfg.eval.seeds), reference="teacher"
+    )
+    world_eval.write_report(result, Path(cfg.workdir) / "eval", {**cfg.eval.to_dict(), "size": size})
+    return result
+
+
+def evaluation_summary(cfg, result) -> list[str]:
+    """The student's accuracy next to the teacher's, and how close its images are."""
+    teacher, student = result.accuracy["teacher"], result.accuracy["student"]
+    agreement = result.agreement["student"]
+    keys = [k for k in ("colour", "shape", "count", "position", "size", "relation", "all") if teacher[k] == teacher[k]]
+    ratio = student["all"] / teacher["all"] if teacher["all"] else float("nan")
+    return [
+        f"evaluation ({cfg.eval.prompts}: {len(result.prompts)} prompts x {len(result.seeds)} seeds, {cfg.eval.steps} "
+        f"Euler steps, guidance {cfg.eval.guidance}; the detector's accuracy, 'all' = every stated attribute right):",
+        "  teacher: " + ", ".join(f"{k} {teacher[k]:.2f}" for k in keys),
+        "  student: " + ", ".join(f"{k} {student[k]:.2f}" for k in keys) + f"  ({100 * ratio:.0f}% of the teacher)",
+        f"  student vs teacher from the same noise: PSNR {agreement['psnr_db']:.1f} dB, latent MSE "
+        f"{agreement['latent_mse']:.4f}; grid and report in {Path(cfg.workdir) / 'eval'}",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,8 @@
 """Data for KOALA distillation: ingest image-caption pairs, encode once, load with grain.
 
-Importing this package loads only the torch-free loader; `koala_jax.data.prepare`
-(which needs torch) is imported explicitly by the preparation command.
+Importing this package loads only the torch-free loader; `koala_jax.data.prepare` is
+imported explicitly by the preparation command (torch only for its PyTorch encoders;
+`encoders_jax` is the JAX alternative).
 """
 
 from koala_jax.data.loader import (

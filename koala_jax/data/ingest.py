@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from koala_jax.data import images
-from koala_jax.errors import DataError
+from koala_jax.errors import DataError, MissingPathError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CAPTION_SUFFIXES = (".txt", ".json")
@@ -261,9 +261,18 @@ class FolderCollection:
 def _read_table(path: str) -> Any:
     import pandas as pd  # only this input form needs pandas
 
-    if path.endswith(".parquet"):
-        return pd.read_parquet(path)
-    return pd.read_csv(path, sep="\t" if path.endswith(".tsv") else ",")
+    if not os.path.isfile(path):
+        raise MissingPathError(f"{path}: no such table file")
+    try:
+        if path.endswith(".parquet"):
+            table = pd.read_parquet(path)
+        else:
+            table = pd.read_csv(path, sep="\t" if path.endswith(".tsv") else ",")
+    except (ValueError, OSError) as e:  # pandas' ParserError / EmptyDataError, pyarrow's ArrowInvalid
+        raise DataError(f"{path}: not a readable table ({' '.join(str(e).split())})") from e
+    if table.empty:
+        raise DataError(f"{path}: the table has no rows")
+    return table
 
 
 def resolve_image_path(value: str, image_root: str) -> str:
@@ -425,7 +434,10 @@ class TfdsCollection:
         if os.path.exists(os.path.join(name_or_dir, "dataset_info.json")):
             builder = tfds.builder_from_directory(name_or_dir)
         else:
-            builder = tfds.builder(name_or_dir, data_dir=data_dir)
+            try:
+                builder = tfds.builder(name_or_dir, data_dir=data_dir)
+            except ValueError as e:  # tfds' DatasetNotFoundError, or a string that is not a dataset name at all
+                raise MissingPathError(f"{name_or_dir}: no such file or folder, nor a registered tfds dataset") from e
         features = builder.info.features
         for key in (image_key, caption_key):
             if key not in features:
@@ -452,7 +464,8 @@ class TfdsCollection:
         return RawRecord(where, example[self._image_key], text)
 
 
-INPUT_KINDS = ("auto", "folder", "table", "webdataset", "tfds")
+INPUT_KINDS = ("auto", "folder", "table", "webdataset", "tfds", "world")
+WORLD_PREFIX = "world:"  # world:<records>[:<caption style>[:<seed>]], the tiny procedural world (data/world.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -470,6 +483,8 @@ class InputOptions:
 
 def detect_kind(path: str) -> str:
     """Guess the input form from the path, as the CLI's --input-kind auto does."""
+    if path.startswith(WORLD_PREFIX):
+        return "world"
     if path.endswith(TABLE_SUFFIXES):
         return "table"
     if path.endswith(".tar") or glob.has_magic(path):
@@ -494,4 +509,22 @@ def open_collection(path: str, kind: str = "auto", options: InputOptions = Input
         return TableCollection(path, options.image_column, options.caption_column, options.image_root)
     if kind == "webdataset":
         return WebDatasetCollection(path, options.caption_key)
+    if kind == "world":
+        return open_world(path)
     return TfdsCollection(path, options.split, options.tfds_data_dir, options.image_key, options.caption_key)
+
+
+def open_world(spec: str) -> Collection:
+    """`world:<records>[:<caption style>[:<seed>]]`: rendered scenes of the tiny world (64 px; resized by the
+    preparation like any image), captions 'short', 'rich' or 'mixed' (default)."""
+    from koala_jax.data.world import CAPTION_MIXES, WorldCollection  # world.py imports this module
+
+    parts = spec[len(WORLD_PREFIX) :].split(":")
+    if not 1 <= len(parts) <= 3 or not parts[0].isdigit() or int(parts[0]) < 1:
+        raise DataError(f"{spec!r}: expected world:<records>[:<caption style>[:<seed>]], e.g. world:20000:mixed:0")
+    style = parts[1] if len(parts) > 1 else "mixed"
+    if style not in CAPTION_MIXES:
+        raise DataError(f"{spec!r}: caption style {style!r}; choose from {', '.join(CAPTION_MIXES)}")
+    if len(parts) > 2 and not parts[2].isdigit():
+        raise DataError(f"{spec!r}: the seed {parts[2]!r} is not a non-negative integer")
+    return WorldCollection(int(parts[0]), seed=int(parts[2]) if len(parts) > 2 else 0, style=style)

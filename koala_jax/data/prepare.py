@@ -8,7 +8,10 @@ the shards that exist, and a crash never leaves one that reads as complete. Task
 several machines may split the shards (`task_index`/`task_count`); whichever run finds
 all shards complete writes the tfds metadata that makes the folder loadable.
 
-Uses PyTorch (the teacher's encoders are diffusers/transformers models).
+The encoders are the teacher's VAE and text encoders either as diffusers/transformers models
+(`backend="torch"`, `TeacherEncoders`) or as our Flax modules (`backend="jax"`,
+`encoders_jax.JaxTeacherEncoders`: no torch, batches over this process's devices). torch, diffusers and
+transformers are imported only when used, so the JAX backend runs where torch is not installed.
 """
 
 from __future__ import annotations
@@ -24,16 +27,14 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from array_record.python import array_record_module
-from diffusers import AutoencoderKL
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from koala_jax.data import ingest, schema
-from koala_jax.errors import DataError
+from koala_jax.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 SHARD_REPORTS_DIR = "_shard_reports"
+BACKENDS = ("torch", "jax")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,10 +48,41 @@ class PrepareConfig:
     records_per_shard: int = 1000
     batch_size: int = 16
     dtype: str = "float32"  # text encoders; the VAE upcasts to float32 when its config says so
-    device: str | None = None  # default: cuda when available
+    device: str | None = None  # torch backend: default cuda when available
     num_threads: int = 4  # image reading and decoding
     task_index: int = 0
     task_count: int = 1
+    backend: str = "torch"  # the encoders: "torch" (diffusers/transformers) or "jax" (no torch)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend {self.backend!r}: choose from {', '.join(BACKENDS)}")
+        if self.backend == "jax" and self.device is not None:
+            raise ConfigError(f"device {self.device!r} is a torch device; the jax backend uses every local device")
+
+    def problems(self) -> list[str]:
+        """Every setting out of range and every part of the teacher folder that is missing, read from its
+        configs only (nothing loaded): checked before anything is written, so a typo leaves no output behind."""
+        found = [
+            f"{name} {value} must be at least {low}"
+            for name, value, low in (
+                ("records_per_shard", self.records_per_shard, 1),
+                ("batch_size", self.batch_size, 1),
+                ("num_threads", self.num_threads, 1),
+                ("resolution", self.resolution, 1),
+                ("task_count", self.task_count, 1),
+            )
+            if value < low
+        ]
+        if self.task_count >= 1 and not 0 <= self.task_index < self.task_count:
+            found.append(f"task_index {self.task_index} not in [0, {self.task_count})")
+        try:
+            factor = teacher_vae_factor(self.teacher)
+        except (ConfigError, DataError, OSError) as e:
+            return [*found, str(e)]
+        if self.resolution >= 1 and self.resolution % factor:
+            found.append(f"resolution {self.resolution} is not a multiple of the teacher VAE's factor {factor}")
+        return found
 
     def content_settings(self, collection: ingest.Collection) -> dict[str, Any]:
         """Settings that change what the shards contain, checked when resuming."""
@@ -65,15 +97,60 @@ class PrepareConfig:
         }
 
 
+TEACHER_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+
+
+def vae_factor(block_out_channels: Sequence[int]) -> int:
+    """Pixels per latent along each side of a diffusers AutoencoderKL (8 for SDXL's VAE)."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
+def teacher_vae_factor(teacher: str) -> int:
+    """The VAE factor of a teacher folder that has every part preparation loads (its configs only)."""
+    if not os.path.isdir(teacher):
+        raise DataError(f"teacher {teacher}: no such folder (a diffusers SDXL folder with {', '.join(TEACHER_PARTS)})")
+    missing = [part for part in TEACHER_PARTS if not os.path.isdir(os.path.join(teacher, part))]
+    if missing:
+        raise DataError(f"teacher {teacher}: no {', '.join(m + '/' for m in missing)} (not a diffusers SDXL folder?)")
+    path = os.path.join(teacher, "vae", "config.json")
+    try:
+        with open(path) as f:
+            return vae_factor(json.load(f)["block_out_channels"])
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"{path}: not a readable AutoencoderKL config ({e})") from e
+
+
 def set_torch_threads(n: int) -> None:
     """Threads of torch's CPU kernels (1 can be much faster on a busy CPU)."""
+    import torch
+
     torch.set_num_threads(n)
 
 
+def load_tokenizers(teacher: str) -> list:
+    """The teacher's two CLIP tokenizers (transformers' CLIPTokenizer; no torch needed)."""
+    from transformers import CLIPTokenizer
+
+    return [CLIPTokenizer.from_pretrained(os.path.join(teacher, name)) for name in ("tokenizer", "tokenizer_2")]
+
+
+def make_encoders(config: PrepareConfig):
+    """The teacher's encoders for `config.backend`: `TeacherEncoders` or `JaxTeacherEncoders`."""
+    if config.backend == "jax":
+        from koala_jax.data.encoders_jax import JaxTeacherEncoders
+
+        return JaxTeacherEncoders.from_folder(config.teacher, load_tokenizers(config.teacher), config.dtype)
+    return TeacherEncoders(config.teacher, config.device, config.dtype)
+
+
 class TeacherEncoders:
-    """The teacher's VAE and two CLIP text encoders, encoding as SDXL's pipeline does."""
+    """The teacher's VAE and two CLIP text encoders in PyTorch, encoding as SDXL's pipeline does."""
 
     def __init__(self, teacher: str, device: str | None = None, dtype: str = "float32"):
+        import torch
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
         self.device = self.default_device(device)
         text_dtype = getattr(torch, dtype)
         vae_dir = os.path.join(teacher, "vae")
@@ -82,9 +159,7 @@ class TeacherEncoders:
         vae_dtype = torch.float32 if force_upcast else text_dtype
         self.vae = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=vae_dtype)
         self.vae.to(self.device).eval()
-        self.tokenizers = [
-            CLIPTokenizer.from_pretrained(os.path.join(teacher, name)) for name in ("tokenizer", "tokenizer_2")
-        ]
+        self.tokenizers = load_tokenizers(teacher)
         self.text_encoders = [
             CLIPTextModel.from_pretrained(os.path.join(teacher, "text_encoder")),
             CLIPTextModelWithProjection.from_pretrained(os.path.join(teacher, "text_encoder_2")),
@@ -93,11 +168,13 @@ class TeacherEncoders:
             encoder.to(self.device, text_dtype).eval()
 
     @staticmethod
-    def default_device(device: str | None) -> torch.device:
+    def default_device(device: str | None):
+        import torch
+
         return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        factor = vae_factor(self.vae.config.block_out_channels)
         if resolution % factor:
             raise DataError(f"resolution {resolution} is not a multiple of the VAE's {factor}")
         side = resolution // factor
@@ -111,7 +188,6 @@ class TeacherEncoders:
     def pooled_dim(self) -> int:
         return self.text_encoders[1].config.projection_dim
 
-    @torch.no_grad()
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         """Scaled latents [B, C, h, w] float32 of pixels [B, 3, H, W] in [-1, 1].
 
@@ -119,30 +195,35 @@ class TeacherEncoders:
         of the image, and the sampling noise (std ~ exp(logvar / 2), tiny for SDXL's
         VAE) is negligible next to the diffusion noise added in training.
         """
-        x = torch.from_numpy(pixels).to(self.device, self.vae.dtype)
-        mean = self.vae.encode(x).latent_dist.mean
-        return (mean * self.vae.config.scaling_factor).float().cpu().numpy()
+        import torch
 
-    @torch.no_grad()
+        with torch.no_grad():
+            x = torch.from_numpy(pixels).to(self.device, self.vae.dtype)
+            mean = self.vae.encode(x).latent_dist.mean
+            return (mean * self.vae.config.scaling_factor).float().cpu().numpy()
+
     def encode_captions(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(prompt_embeds [B, 77, D], pooled [B, P]) as StableDiffusionXLPipeline.encode_prompt.
 
         Both encoders' penultimate hidden states, concatenated on the feature axis; the
         pooled embedding is the second encoder's projected text embedding.
         """
+        import torch
+
         hidden, pooled = [], None
-        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
-            ids = tokenizer(
-                list(captions),
-                padding="max_length",
-                max_length=tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(self.device)
-            output = encoder(ids, output_hidden_states=True)
-            hidden.append(output.hidden_states[-2])
-            pooled = output[0]  # text_embeds of CLIPTextModelWithProjection, the last encoder
-        prompt_embeds = torch.cat(hidden, dim=-1)
+        with torch.no_grad():
+            for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
+                ids = tokenizer(
+                    list(captions),
+                    padding="max_length",
+                    max_length=tokenizer.model_max_length,
+                    truncation=True,
+                    return_tensors="pt",
+                ).input_ids.to(self.device)
+                output = encoder(ids, output_hidden_states=True)
+                hidden.append(output.hidden_states[-2])
+                pooled = output[0]  # text_embeds of CLIPTextModelWithProjection, the last encoder
+            prompt_embeds = torch.cat(hidden, dim=-1)
         return prompt_embeds.float().cpu().numpy(), pooled.float().cpu().numpy()
 
 
@@ -189,8 +270,8 @@ class _ShardWriter:
         os.replace(tmp_path, self.path(shard))
 
 
-def _check_settings(output_dir: str, settings: dict[str, Any]) -> None:
-    """Refuse to mix shards made with different inputs or settings in one folder."""
+def check_settings(output_dir: str, settings: dict[str, Any]) -> None:
+    """Refuse to mix shards made with different inputs or settings in one folder (reads only)."""
     path = os.path.join(output_dir, schema.PREPARE_CONFIG_FILE)
     if os.path.exists(path):
         with open(path) as f:
@@ -202,7 +283,12 @@ def _check_settings(output_dir: str, settings: dict[str, Any]) -> None:
                 f"{output_dir} holds shards prepared with other settings ({differences}); "
                 "use a new --output-dir or the same settings"
             )
-    else:
+
+
+def record_settings(output_dir: str, settings: dict[str, Any]) -> None:
+    """Write the settings the shards are made with, once the encoders are loaded (the first shard follows)."""
+    path = os.path.join(output_dir, schema.PREPARE_CONFIG_FILE)
+    if not os.path.exists(path):
         _atomic_write_json(path, os.path.join(output_dir, schema.INCOMPLETE_DIR), settings)
 
 
@@ -237,7 +323,7 @@ class _ShardEncoder:
         self,
         collection: ingest.Collection,
         config: PrepareConfig,
-        encoders: TeacherEncoders,
+        encoders: Any,  # TeacherEncoders or JaxTeacherEncoders
         serialize: Callable[[dict[str, Any]], bytes],
         pool: concurrent.futures.Executor,
     ):
@@ -320,15 +406,16 @@ def prepare_dataset(collection: ingest.Collection, config: PrepareConfig) -> ing
 
     Returns None while shards of other tasks are still missing.
     """
-    if not 0 <= config.task_index < config.task_count:
-        raise DataError(f"task_index {config.task_index} not in [0, {config.task_count})")
-    if len(collection) == 0:
-        raise DataError(f"{collection.description} holds no records")
+    problems = config.problems() + ([] if len(collection) else [f"{collection.description} holds no records"])
+    if problems:  # Before anything is loaded or written.
+        raise ConfigError("; ".join(problems))
+    settings = config.content_settings(collection)
+    check_settings(config.output_dir, settings)
+    encoders = make_encoders(config)
+    features = schema.record_features(encoders.latent_shape(config.resolution), encoders.text_dim, encoders.pooled_dim)
     num_shards = math.ceil(len(collection) / config.records_per_shard)
     writer = _ShardWriter(config.output_dir, num_shards)
-    _check_settings(config.output_dir, config.content_settings(collection))
-    encoders = TeacherEncoders(config.teacher, config.device, config.dtype)
-    features = schema.record_features(encoders.latent_shape(config.resolution), encoders.text_dim, encoders.pooled_dim)
+    record_settings(config.output_dir, settings)
     null_embeds, null_pooled = encoders.encode_captions([""])
     schema.save_null_embeddings(config.output_dir, null_embeds[0], null_pooled[0])
     mine = range(config.task_index, num_shards, config.task_count)

@@ -25,6 +25,7 @@ INCOMPLETE_DIR = "_incomplete"
 NULL_EMBEDDINGS_FILE = "null_embeddings.npz"
 PREPARE_CONFIG_FILE = "prepare_config.json"
 PREPARE_REPORT_FILE = "prepare_report.json"
+DATASET_INFO_FILE = "dataset_info.json"  # tfds metadata: written last, so a folder with it is complete
 TEXT_LENGTH = 77  # CLIP's model_max_length
 TIME_ID_FIELDS = ("original_size", "crop_top_left", "target_size")  # SDXL's add_time_ids order
 
@@ -77,7 +78,7 @@ def write_tfds_metadata(data_dir: str, features: tfds.features.FeaturesDict, sha
 
 def read_tfds_info(data_dir: str) -> tuple[tfds.features.FeaturesDict, list[int]]:
     """Features and per-shard record counts of a prepared dataset."""
-    info_file = os.path.join(data_dir, "dataset_info.json")
+    info_file = os.path.join(data_dir, DATASET_INFO_FILE)
     if not os.path.exists(info_file):
         raise MissingPathError(
             f"{data_dir} is not a prepared dataset (no dataset_info.json); run prepare_data.py "

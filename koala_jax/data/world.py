@@ -389,16 +389,21 @@ def rich_prompts(n: int, seed: int = 0) -> list[Prompt]:
 # --- a Collection for data preparation ----------------------------------------------------------
 
 
+# Caption styles of a collection: every record short, every record rich, or each record either (decided by its
+# index and seed): a model trained on 'mixed' follows both "a red circle" and the rich descriptions.
+CAPTION_MIXES: tuple[str, ...] = (*STYLES, "mixed")
+
+
 class WorldCollection:
     """`num_records` rendered scenes of World(seed) as a `koala_jax.data.ingest.Collection`, so the
     ordinary preparation pipeline (encode once, shard, load with grain) can consume the tiny world."""
 
-    def __init__(self, num_records: int, seed: int = 0, style: Style = "rich", resolution: int = 64):
-        if style not in STYLES:
-            raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    def __init__(self, num_records: int, seed: int = 0, style: str = "rich", resolution: int = 64):
+        if style not in CAPTION_MIXES:
+            raise ValueError(f"style must be one of {CAPTION_MIXES}, got {style!r}")
         self.num_records = num_records
         self.world = World(seed)
-        self.style: Style = style
+        self.style = style
         self.resolution = resolution
         self.description = f"world:seed={seed},n={num_records},style={style},res={resolution}"
         self.skipped_shards: list[str] = []
@@ -411,7 +416,12 @@ class WorldCollection:
             raise IndexError(f"record {index} outside [0, {self.num_records})")
         return self.world.scene(index)
 
+    def caption_style(self, index: int) -> Style:
+        if self.style != "mixed":
+            return self.style
+        return STYLES[int(np.random.default_rng([self.world.seed, index, 1]).integers(len(STYLES)))]
+
     def load(self, index: int) -> RawRecord:
         scene = self.scene(index)
         image = encode_png(render(scene, self.resolution))
-        return RawRecord(f"world:seed={self.world.seed}:{index}", image, caption(scene, self.style))
+        return RawRecord(f"world:seed={self.world.seed}:{index}", image, caption(scene, self.caption_style(index)))

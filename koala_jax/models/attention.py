@@ -5,21 +5,18 @@ no qkv bias, GEGLU feed-forward with 4x inner width, no dropout)."""
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
+from koala_jax.models.attention_kernels import dot_product_attention
 from koala_jax.models.common import ForwardOptions, group_norm, layer_norm, sow_feature
-
-
-def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, impl: str) -> jnp.ndarray:
-    """Softmax attention on (batch, tokens, heads, head_dim); `impl` is 'xla', 'cudnn' or 'auto'."""
-    return jax.nn.dot_product_attention(q, k, v, implementation=None if impl == "auto" else impl)
 
 
 class Attention(nn.Module):
     """Multi-head attention with `to_q`, `to_k`, `to_v` (no bias) and `to_out.0` (bias).
 
-    Self-attention when `context` is None (diffusers' attn1), cross-attention otherwise (attn2).
+    Self-attention when `context` is None (diffusers' attn1), cross-attention otherwise (attn2). How
+    softmax(q k^T) v is computed is `opts.attention_impl`; the captured feature is the layer's output
+    after `to_out`, the same whichever implementation computed it.
     """
 
     heads: int
@@ -41,7 +38,7 @@ class Attention(nn.Module):
         )
         split = lambda t: t.reshape(*t.shape[:-1], self.heads, self.head_dim)
         q, k, v = (split(dense(n, False)(t)) for n, t in (("to_q", x), ("to_k", context), ("to_v", context)))
-        out = dot_product_attention(q, k, v, o.attention_impl)
+        out = dot_product_attention(q, k, v, o.attention_impl, o.attention_block_q, o.attention_block_kv)
         out = dense("to_out_0", True)(out.reshape(*out.shape[:-2], inner))
         if self.capture:
             sow_feature(self, out)

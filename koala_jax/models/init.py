@@ -65,7 +65,9 @@ def random_params(config: UNetConfig, seed: int = 0) -> dict:
 
 
 def describe(config: UNetConfig) -> list[str]:
-    """Architecture per stage and exact parameter counts, as printed by `convert_weights.py info`."""
+    """Architecture per stage and exact parameter counts, as printed by `convert_weights.py info`.
+    Transformer depths are one number when every resnet/attention pair of a stage has the same, else one
+    per pair ('4,4,10')."""
     counts: dict[str, int] = {}
     for path, leaf in flatten_dict(abstract_params(config)).items():
         group = flax_path_to_torch_module(path[:1])
@@ -80,34 +82,24 @@ def describe(config: UNetConfig) -> list[str]:
                 config.down_block_types[i],
                 i,
                 config.layers_per_block[i],
-                config.transformer_layers_per_block[i],
+                config.down_depths(i),
                 counts,
             )
         )
     if config.mid_block_type:
-        rows.append(
-            (
-                "mid_block",
-                config.mid_block_type,
-                str(config.block_out_channels[-1]),
-                "2",
-                str(config.transformer_layers_per_block[-1]),
-                str(config.num_attention_heads[-1]),
-                f"{counts['mid_block']:,}",
-            )
-        )
+        depths = config.mid_depths()
+        rows.append(_stage_row(config, "mid_block", config.mid_block_type, n - 1, len(depths) + 1, depths, counts))
     else:
         rows.append(("mid_block", "(none)", "-", "-", "-", "-", "0"))
     for i in range(n):
-        stage = n - 1 - i
         rows.append(
             _stage_row(
                 config,
                 f"up_blocks.{i}",
                 config.up_block_types[i],
-                stage,
-                config.layers_per_block[stage] + 1,
-                config.reverse_transformer_layers_per_block[i],
+                n - 1 - i,
+                config.up_layers_per_block[i],
+                config.up_depths(i),
                 counts,
             )
         )
@@ -125,15 +117,22 @@ def describe(config: UNetConfig) -> list[str]:
 
 
 def _stage_row(
-    config: UNetConfig, name: str, kind: str, stage: int, resnets: int, depth: int, counts: Mapping[str, int]
+    config: UNetConfig,
+    name: str,
+    kind: str,
+    level: int,
+    resnets: int,
+    depths: tuple[int, ...],
+    counts: Mapping[str, int],
 ) -> tuple[str, ...]:
-    attention = kind.startswith("CrossAttn")
+    """One row of `describe`; `depths` is () for a stage without attention."""
+    depth = (str(depths[0]) if len(set(depths)) == 1 else ",".join(map(str, depths))) if depths else "-"
     return (
         name,
         kind,
-        str(config.block_out_channels[stage]),
+        str(config.block_out_channels[level]),
         str(resnets),
-        str(depth) if attention else "-",
-        str(config.num_attention_heads[stage]) if attention else "-",
+        depth,
+        str(config.num_attention_heads[level]) if depths else "-",
         f"{counts[name]:,}",
     )

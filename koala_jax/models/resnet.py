@@ -10,7 +10,8 @@ from koala_jax.models.common import ForwardOptions, conv, group_norm, sow_featur
 
 class ResnetBlock2D(nn.Module):
     """GroupNorm-SiLU-conv twice, with the time embedding added in between and a 1x1 shortcut when the
-    channel count changes ("default" time scale shift, output scale 1, as SDXL)."""
+    channel count changes ("default" time scale shift, output scale 1, as SDXL). Without a time embedding
+    (`temb` None: the VAE's blocks, diffusers' temb_channels=None) there is no `time_emb_proj`."""
 
     out_channels: int
     groups: int
@@ -18,12 +19,15 @@ class ResnetBlock2D(nn.Module):
     opts: ForwardOptions
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, temb: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, temb: jnp.ndarray | None) -> jnp.ndarray:
         o = self.opts
         h = nn.silu(group_norm(self.groups, self.eps, o.dtype, o.param_dtype, "norm1")(x))
         h = conv(self.out_channels, 3, o.dtype, o.param_dtype, "conv1")(h)
-        t = nn.Dense(self.out_channels, dtype=o.dtype, param_dtype=o.param_dtype, name="time_emb_proj")(nn.silu(temb))
-        h = h + t[:, None, None, :]
+        if temb is not None:
+            t = nn.Dense(self.out_channels, dtype=o.dtype, param_dtype=o.param_dtype, name="time_emb_proj")(
+                nn.silu(temb)
+            )
+            h = h + t[:, None, None, :]
         h = nn.silu(group_norm(self.groups, self.eps, o.dtype, o.param_dtype, "norm2")(h))
         h = conv(self.out_channels, 3, o.dtype, o.param_dtype, "conv2")(h)
         if x.shape[-1] != self.out_channels:
@@ -35,14 +39,18 @@ class ResnetBlock2D(nn.Module):
 
 
 class Downsample2D(nn.Module):
-    """3x3 conv with stride 2 and padding 1 (diffusers' `downsamplers.0.conv`)."""
+    """3x3 conv with stride 2 and padding 1 (diffusers' `downsamplers.0.conv`). With padding 0 (the VAE's
+    encoder) diffusers pads one zero row and column at the bottom and right, then convolves unpadded."""
 
     channels: int
     opts: ForwardOptions
+    padding: int = 1
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        return conv(self.channels, 3, self.opts.dtype, self.opts.param_dtype, "conv", stride=2)(x)
+        if self.padding == 0:
+            x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return conv(self.channels, 3, self.opts.dtype, self.opts.param_dtype, "conv", 2, self.padding)(x)
 
 
 def nearest_resize(x: jnp.ndarray, size: tuple[int, int]) -> jnp.ndarray:

@@ -23,13 +23,14 @@ class UNet2DConditionModel(nn.Module):
     config: UNetConfig
     opts: ForwardOptions = ForwardOptions()
 
-    def _stage_kwargs(self, i: int, heads: int, num_layers: int, depth: int) -> dict:
+    def _stage_kwargs(self, i: int, num_layers: int, depths: tuple[int, ...]) -> dict:
+        """Fields of a stage at resolution level `i` (0 = full resolution) with per-layer `depths`."""
         cfg = self.config
         return dict(
             out_channels=cfg.block_out_channels[i],
             num_layers=num_layers,
-            depth=depth,
-            heads=heads,
+            depths=depths,
+            heads=cfg.num_attention_heads[i],
             groups=cfg.norm_num_groups,
             eps=cfg.norm_eps,
             use_linear_projection=cfg.use_linear_projection,
@@ -75,10 +76,9 @@ class UNet2DConditionModel(nn.Module):
 
         x = conv(cfg.block_out_channels[0], 3, o.dtype, o.param_dtype, "conv_in")(x)
         skips: list[jnp.ndarray] = [x]
-        for i, block_type in enumerate(cfg.down_block_types):
-            depth = cfg.transformer_layers_per_block[i] if block_type == "CrossAttnDownBlock2D" else 0
+        for i in range(n):
             block = DownBlock(
-                **self._stage_kwargs(i, cfg.num_attention_heads[i], cfg.layers_per_block[i], depth),
+                **self._stage_kwargs(i, cfg.layers_per_block[i], cfg.down_depths(i)),
                 add_downsample=i < n - 1,
                 name=f"down_blocks_{i}",
             )
@@ -86,21 +86,17 @@ class UNet2DConditionModel(nn.Module):
             skips.extend(block_skips)
 
         if cfg.mid_block_type is not None:
-            x = MidBlock(
-                **self._stage_kwargs(n - 1, cfg.num_attention_heads[-1], 1, cfg.transformer_layers_per_block[-1]),
-                name="mid_block",
-            )(x, temb, context)
+            depths = cfg.mid_depths()
+            x = MidBlock(**self._stage_kwargs(n - 1, len(depths), depths), name="mid_block")(x, temb, context)
 
         # diffusers forwards explicit upsample sizes when H or W is not a multiple of the total stride.
         forward_sizes = any(d % 2 ** (n - 1) for d in sample.shape[2:])
-        for i, block_type in enumerate(cfg.up_block_types):
-            stage = n - 1 - i
-            num_layers = cfg.layers_per_block[stage] + 1
-            depth = cfg.reverse_transformer_layers_per_block[i] if block_type == "CrossAttnUpBlock2D" else 0
+        for i in range(n):
+            num_layers = cfg.up_layers_per_block[i]
             block_skips, skips = tuple(skips[-num_layers:]), skips[:-num_layers]
             upsample_size = tuple(skips[-1].shape[1:3]) if forward_sizes and i < n - 1 else None
             block = UpBlock(
-                **self._stage_kwargs(stage, cfg.num_attention_heads[stage], num_layers, depth),
+                **self._stage_kwargs(n - 1 - i, num_layers, cfg.up_depths(i)),
                 add_upsample=i < n - 1,
                 name=f"up_blocks_{i}",
             )

@@ -1,5 +1,6 @@
-"""The U-Net stages: DownBlock2D, CrossAttnDownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D and
-CrossAttnUpBlock2D, as in diffusers' unet_2d_blocks.py (NHWC)."""
+"""The U-Net stages: DownBlock2D, CrossAttnDownBlock2D, UNetMidBlock2DCrossAttn (and UNetMidBlock2D as
+UNet2DConditionModel builds it), UpBlock2D and CrossAttnUpBlock2D, as in diffusers' unet_2d_blocks.py
+(NHWC), with one transformer depth per resnet/attention pair."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from koala_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 
 class _Stage(nn.Module):
-    """Shared fields of every stage. `depth` = transformer blocks per attention (0: no attention)."""
+    """Shared fields of every stage. `depths`: transformer blocks of each layer's attention, one per
+    resnet/attention pair (diffusers' per-layer `transformer_layers_per_block`); () means no attention.
+    A depth of 0 is an attention with norm and projections but no transformer block, as in diffusers."""
 
     out_channels: int
     num_layers: int
-    depth: int
+    depths: tuple[int, ...]
     heads: int
     groups: int
     eps: float
@@ -33,7 +36,7 @@ class _Stage(nn.Module):
         return self.opts.maybe_remat(Transformer2DModel, "attention_block")(
             self.heads,
             channels // self.heads,
-            self.depth,
+            self.depths[i],
             self.groups,
             self.use_linear_projection,
             self.opts,
@@ -59,7 +62,7 @@ class DownBlock(_Stage):
         skips = []
         for i in range(self.num_layers):
             x = self.resnet(i)(x, temb)
-            if self.depth:
+            if self.depths:
                 x = self.attention(i)(x, context)
             skips.append(x)
         if self.add_downsample:
@@ -69,12 +72,13 @@ class DownBlock(_Stage):
 
 
 class MidBlock(_Stage):
-    """UNetMidBlock2DCrossAttn: resnet, then `num_layers` x (transformer, resnet)."""
+    """UNetMidBlock2DCrossAttn: resnet, then one (transformer, resnet) per entry of `depths`; with no
+    depths, UNetMidBlock2D as UNet2DConditionModel builds it (one resnet, no attention: SSD-1B, Vega)."""
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, temb: jnp.ndarray, context: jnp.ndarray) -> jnp.ndarray:
         x = self.resnet(0)(x, temb)
-        for i in range(self.num_layers):
+        for i in range(len(self.depths)):
             x = self.attention(i)(x, context)
             x = self.resnet(i + 1)(x, temb)
         return self.stage_output(x)
@@ -98,7 +102,7 @@ class UpBlock(_Stage):
         for i in range(self.num_layers):
             x = jnp.concatenate([x, skips.pop().astype(x.dtype)], axis=-1)
             x = self.resnet(i)(x, temb)
-            if self.depth:
+            if self.depths:
                 x = self.attention(i)(x, context)
         if self.add_upsample:
             x = Upsample2D(self.out_channels, self.opts, name="upsamplers_0")(x, upsample_size)

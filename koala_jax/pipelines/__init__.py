@@ -1,3 +1,4 @@
-"""The PyTorch / diffusers side: text-to-image with StableDiffusionXLPipeline, VAE decoding of JAX
-latents, and tiny random pipeline components for tests. The only package (with data preparation and
-the opt-in pickle reader) that imports torch; import it lazily from the JAX paths."""
+"""Text-to-image: the diffusers backend (StableDiffusionXLPipeline, torch imported lazily), the JAX SDXL
+pipeline and its Euler sampler (no torch; the sampler also makes the training previews), VAE decoding in
+JAX, and tiny random pipeline components for tests (`tiny.py`, torch). With data preparation and the
+opt-in pickle reader, the only package allowed to import torch."""

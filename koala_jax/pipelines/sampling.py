@@ -1,7 +1,8 @@
-"""Image generation with diffusers' StableDiffusionXLPipeline: the paper's per-family defaults, scheduler
-choice, and PNGs that carry their prompt and settings.
+"""Image generation for sample.py: the paper's per-family defaults, the seed -> initial noise rule, PNGs that
+carry their prompt and settings (both backends), and the diffusers backend (StableDiffusionXLPipeline).
 
-Imports torch and diffusers: used by sample.py, never by the JAX training path.
+torch and diffusers are imported inside the diffusers backend's functions only, so the JAX backend
+(`jax_sdxl`) uses this module without torch installed.
 
 Defaults per teacher family (docs/paper.md sections 4 and 5):
 - koala (KOALA-1B/700M, SDXL-Base teacher): 25 steps, guidance 7.5, Euler, 1024 px; the GitHub README
@@ -21,16 +22,14 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from diffusers import (
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
+import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionXLPipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,11 +47,19 @@ PRESETS = {
     "turbo": Settings(steps=4, guidance=0.0, scheduler="euler-trailing", height=512, width=512),
 }
 SCHEDULERS = ("euler", "euler-trailing", "dpm++")
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+def initial_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The starting latents of image `seed`: standard normal float32 from numpy's default generator, so a
+    seed gives the same noise on every device and in both backends (diffusers gets it as `latents=`)."""
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
 
 
 def pick_device(dtype: str | None) -> tuple[str, str]:
     """(device, dtype name): the GPU when there is one, else the CPU with a warning."""
+    import torch
+
     if torch.cuda.is_available():
         return "cuda", dtype or "fp16"
     print("warning: no GPU found; sampling on the CPU (slow)", file=sys.stderr)
@@ -60,11 +67,15 @@ def pick_device(dtype: str | None) -> tuple[str, str]:
 
 
 def peak_gpu_memory_gib() -> float:
+    import torch
+
     return torch.cuda.max_memory_allocated() / 2**30
 
 
 def make_scheduler(name: str, config: dict):
     """A scheduler built from the pipeline's own scheduler config (betas, offsets), as the model cards do."""
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
     if name == "euler":
         return EulerDiscreteScheduler.from_config(config)
     if name == "euler-trailing":
@@ -74,8 +85,13 @@ def make_scheduler(name: str, config: dict):
     raise ValueError(f"unknown scheduler {name!r}; choose from {SCHEDULERS}")
 
 
-def load_pipeline(model: str, unet: str | None, dtype: torch.dtype, device: str) -> StableDiffusionXLPipeline:
-    """The SDXL pipeline of `model` (folder or hub id), with the U-Net of folder `unet` when given."""
+def load_pipeline(model: str, unet: str | None, dtype: str, device: str) -> StableDiffusionXLPipeline:
+    """The SDXL pipeline of `model` (folder or hub id), with the U-Net of folder `unet` when given; `dtype`
+    is one of DTYPES."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     kwargs = {"unet": UNet2DConditionModel.from_pretrained(unet, dtype=dtype)} if unet else {}
     pipe = StableDiffusionXLPipeline.from_pretrained(model, dtype=dtype, **kwargs)
     pipe.set_progress_bar_config(disable=True)
@@ -94,21 +110,50 @@ def png_info(metadata: dict) -> PngInfo:
 def generate(
     pipe: StableDiffusionXLPipeline, prompt: str, negative_prompt: str | None, settings: Settings, seed: int
 ) -> tuple[Image.Image, float]:
-    """(image, seconds) for one prompt; the seed fixes the initial noise (a CPU generator, so a seed
-    gives the same noise on every device)."""
+    """(image, seconds) for one prompt; the seed fixes the initial noise (`initial_noise`)."""
+    import torch
+
     start = time.perf_counter()
-    image = pipe(
-        prompt=prompt,
-        negative_prompt=negative_prompt,
-        num_inference_steps=settings.steps,
-        guidance_scale=settings.guidance,
-        height=settings.height,
-        width=settings.width,
-        generator=torch.Generator("cpu").manual_seed(seed),
-    ).images[0]
+    images, _ = generate_batch(pipe, [prompt], [seed], settings, negative_prompt)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return image, time.perf_counter() - start
+    return Image.fromarray(images[0]), time.perf_counter() - start
+
+
+def generate_batch(
+    pipe: StableDiffusionXLPipeline,
+    prompts: list[str],
+    seeds: list[int],
+    settings: Settings,
+    negative_prompt: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images (B, H, W, 3), final latents (B, C, h, w)): image i from `initial_noise(seeds[i])`. The
+    pipeline returns its latents undecoded and the VAE decodes them here, so an evaluation can compare both."""
+    import torch
+
+    factor = pipe.vae_scale_factor
+    shape = (1, pipe.unet.config.in_channels, settings.height // factor, settings.width // factor)
+    noise = np.concatenate([initial_noise(seed, shape) for seed in seeds])
+    with torch.no_grad():
+        latents = pipe(
+            prompt=list(prompts),
+            negative_prompt=None if negative_prompt is None else [negative_prompt] * len(prompts),
+            num_inference_steps=settings.steps,
+            guidance_scale=settings.guidance,
+            height=settings.height,
+            width=settings.width,
+            latents=torch.from_numpy(noise).to(pipe.device, pipe.unet.dtype),
+            output_type="latent",
+        ).images
+        vae = pipe.vae
+        upcast = vae.dtype == torch.float16 and vae.config.force_upcast  # SDXL's VAE overflows in fp16
+        if upcast:
+            vae.to(torch.float32)
+        decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        if upcast:
+            vae.to(torch.float16)
+        pixels = pipe.image_processor.postprocess(decoded.float(), output_type="np")
+    return (pixels * 255).round().astype(np.uint8), latents.float().cpu().numpy()
 
 
 def make_grid(images: list[Image.Image]) -> Image.Image:

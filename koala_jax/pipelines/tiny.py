@@ -13,6 +13,8 @@ JAX training path imports at start-up.
 from __future__ import annotations
 
 import os
+from collections import Counter
+from collections.abc import Sequence
 
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler
@@ -41,21 +43,50 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(code) for code in codes]
 
 
-def tiny_clip_vocab() -> dict[str, int]:
-    """Every byte symbol alone and word-final: any text tokenizes, with no unknown tokens.
+def word_merges(words: Sequence[str]) -> list[tuple[str, str]]:
+    """BPE merges that make every word of `words` a single token: a byte-pair encoding trained on the word
+    list itself (merge the most frequent adjacent pair, repeat), so applying the merges in rank order
+    rebuilds each listed word exactly; any other text still falls back to single bytes."""
+    pieces = {w: [*w[:-1], w[-1] + "</w>"] for w in words if w}
+    merges: list[tuple[str, str]] = []
+    while True:
+        pairs = Counter(pair for seq in pieces.values() for pair in zip(seq, seq[1:]))
+        if not pairs:
+            return merges
+        best = max(pairs.items(), key=lambda item: (item[1], item[0]))[0]
+        merges.append(best)
+        pieces = {w: _merge(seq, best) for w, seq in pieces.items()}
+
+
+def _merge(seq: list[str], pair: tuple[str, str]) -> list[str]:
+    out, i = [], 0
+    while i < len(seq):
+        if seq[i : i + 2] == list(pair):
+            out.append(pair[0] + pair[1])
+            i += 2
+        else:
+            out.append(seq[i])
+            i += 1
+    return out
+
+
+def tiny_clip_vocab(words: Sequence[str] = ()) -> dict[str, int]:
+    """Every byte symbol alone and word-final, so any text tokenizes with no unknown tokens, plus the
+    tokens `word_merges(words)` builds (whole words of a small world's vocabulary).
 
     The end-of-text token gets the largest id, as in CLIP, so both pooling rules
     (argmax of ids and first eos) agree.
     """
     symbols = _bytes_to_unicode()
-    tokens = symbols + [s + "</w>" for s in symbols] + [_BOS, _EOS]
+    merged = [a + b for a, b in word_merges(words)]
+    tokens = list(dict.fromkeys(symbols + [s + "</w>" for s in symbols] + merged)) + [_BOS, _EOS]
     return {token: index for index, token in enumerate(tokens)}
 
 
-def _tiny_tokenizer(pad_token: str) -> CLIPTokenizer:
+def _tiny_tokenizer(pad_token: str, words: Sequence[str] = ()) -> CLIPTokenizer:
     return CLIPTokenizer(
-        vocab=tiny_clip_vocab(),
-        merges=[],
+        vocab=tiny_clip_vocab(words),
+        merges=word_merges(words),
         pad_token=pad_token,
         model_max_length=TOKENIZER_MAX_LENGTH,
     )
@@ -106,23 +137,34 @@ def _sdxl_scheduler() -> EulerDiscreteScheduler:
     )
 
 
-def save_tiny_sdxl_components(folder: str, seed: int = 0) -> None:
+def save_tiny_sdxl_components(
+    folder: str,
+    seed: int = 0,
+    words: Sequence[str] = (),
+    vae: AutoencoderKL | None = None,
+    token_std: float | None = None,
+) -> None:
     """Write vae/, text_encoder(_2)/, tokenizer(_2)/ and scheduler/ of a tiny SDXL into `folder`.
 
     Weights are random but fixed by `seed`. The U-Net is left to the caller; its
     cross_attention_dim must be TINY_CROSS_ATTENTION_DIM and its pooled (text_embeds)
-    input TINY_POOLED_DIM. The VAE downsamples by 2 (two blocks), not SDXL's 8.
+    input TINY_POOLED_DIM. The VAE downsamples by 2 (two blocks), not SDXL's 8, unless a (trained)
+    `vae` is given. `words` become whole tokens (see `word_merges`); `token_std` rescales the token
+    embeddings (CLIP's init draws them with std 0.02, which leaves a frozen random encoder's outputs
+    nearly independent of the words).
     """
     torch.manual_seed(seed)
     # SDXL pads the first tokenizer with the end-of-text token and the second with "!".
-    tokenizers = {"tokenizer": _tiny_tokenizer(_EOS), "tokenizer_2": _tiny_tokenizer("!")}
-    vocab_size = len(tiny_clip_vocab())
-    components = {
-        "vae": _tiny_vae(),
+    tokenizers = {"tokenizer": _tiny_tokenizer(_EOS, words), "tokenizer_2": _tiny_tokenizer("!", words)}
+    vocab_size = len(tiny_clip_vocab(words))
+    encoders = {
         "text_encoder": CLIPTextModel(_tiny_text_config(vocab_size, "quick_gelu")),
         "text_encoder_2": CLIPTextModelWithProjection(_tiny_text_config(vocab_size, "gelu")),
-        "scheduler": _sdxl_scheduler(),
-        **tokenizers,
     }
+    if token_std is not None:
+        with torch.no_grad():
+            for encoder in encoders.values():
+                encoder.get_input_embeddings().weight.normal_(0.0, token_std)
+    components = {"vae": vae or _tiny_vae(), **encoders, "scheduler": _sdxl_scheduler(), **tokenizers}
     for name, component in components.items():
         component.save_pretrained(os.path.join(folder, name))

@@ -3,10 +3,9 @@ layer-wise removal rule that derives a KOALA student from any SDXL-family teache
 
 from __future__ import annotations
 
-import dataclasses
-
 from koala_jax.errors import ConfigError
 from koala_jax.models.config import UNetConfig
+from koala_jax.students.spec import StageSpec, StudentSpec, decoder_source, resolve
 
 SDXL_BASE = UNetConfig()  # The defaults of UNetConfig are SDXL-Base 1.0's U-Net.
 
@@ -34,28 +33,38 @@ PRESET_NAMES = ("sdxl-base", "tiny-sdxl", *STUDENT_VARIANTS)
 
 
 def deep_stage_depth(teacher_depth: int, variant: str) -> int:
-    """Transformer blocks a student keeps at the deepest stage (at least one)."""
-    return max(1, round(teacher_depth * STUDENT_VARIANTS[variant]["deep_keep_fraction"]))
+    """Transformer blocks a student keeps of a deepest-stage attention (at least one, if it had any)."""
+    return min(teacher_depth, max(1, round(teacher_depth * STUDENT_VARIANTS[variant]["deep_keep_fraction"])))
+
+
+def koala_spec(teacher: UNetConfig, variant: str) -> StudentSpec:
+    """KOALA's layer-wise removal as a spec: one resnet/attention pair fewer per stage (encoder 2 -> 1,
+    decoder 3 -> 2 in SDXL), the deepest stage's attentions cut to a fraction of their blocks, and for
+    KOALA-700M no mid block. Per-pair teacher depths (SSD-1B-like teachers) are cut pair by pair."""
+    if variant not in STUDENT_VARIANTS:
+        raise ConfigError(f"unknown student variant {variant!r}; choose from {', '.join(sorted(STUDENT_VARIANTS))}")
+    n = len(teacher.block_out_channels)
+    layers = [max(1, k - 1) for k in teacher.layers_per_block]
+
+    def cut(depths: tuple[int, ...], sources: list[int]) -> tuple[int, ...] | None:
+        return tuple(deep_stage_depth(depths[s], variant) for s in sources) if depths else None
+
+    down = [StageSpec(k) for k in layers]
+    down[-1] = StageSpec(layers[-1], cut(teacher.down_depths(n - 1), list(range(layers[-1]))))
+    pairs = layers[-1] + 1
+    up = [StageSpec() for _ in range(n)]
+    up[0] = StageSpec(
+        None,
+        cut(teacher.up_depths(0), [decoder_source(j, pairs, teacher.up_layers_per_block[0]) for j in range(pairs)]),
+    )
+    keep_mid = STUDENT_VARIANTS[variant]["mid_block"] and teacher.mid_block_type is not None
+    return StudentSpec(tuple(down), tuple(up), "keep" if keep_mid else "none", variant)
 
 
 def derive_student_config(teacher: UNetConfig, variant: str) -> UNetConfig:
-    """KOALA's layer-wise removal applied to `teacher`: one residual block fewer per stage (encoder
-    2 -> 1, decoder 3 -> 2 in SDXL), fewer transformer blocks at the deepest stage, and for KOALA-700M
-    no mid block. Everything else (widths, heads, conditioning) is the teacher's."""
-    if variant not in STUDENT_VARIANTS:
-        raise ConfigError(f"unknown student variant {variant!r}; choose from {', '.join(sorted(STUDENT_VARIANTS))}")
-    deepest = len(teacher.block_out_channels) - 1
-    encoder_depth = list(teacher.transformer_layers_per_block)
-    decoder_depth = list(teacher.reverse_transformer_layers_per_block)
-    encoder_depth[deepest] = deep_stage_depth(encoder_depth[deepest], variant)
-    decoder_depth[0] = deep_stage_depth(decoder_depth[0], variant)
-    return dataclasses.replace(
-        teacher,
-        layers_per_block=tuple(max(1, n - 1) for n in teacher.layers_per_block),
-        transformer_layers_per_block=tuple(encoder_depth),
-        reverse_transformer_layers_per_block=tuple(decoder_depth),
-        mid_block_type=teacher.mid_block_type if STUDENT_VARIANTS[variant]["mid_block"] else None,
-    )
+    """KOALA's layer-wise removal applied to `teacher` (`koala_spec`). Everything else (widths, heads,
+    conditioning) is the teacher's."""
+    return resolve(koala_spec(teacher, variant), teacher, variant)[0]
 
 
 def preset(name: str) -> UNetConfig:

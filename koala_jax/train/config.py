@@ -10,6 +10,8 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from koala_jax.models.attention_kernels import DEFAULT_BLOCK_KV, DEFAULT_BLOCK_Q
+
 # Flat keys of earlier releases -> their place now.
 RENAMED = {
     "teacher": "teacher.source",
@@ -32,16 +34,31 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every = 10
     c.tensorboard = True
     c.peak_tflops_per_device = 0.0  # 0: measure with a matmul at start-up (MFU denominator)
+    # Plan instead of training (koala_jax/train/plan.py, docs/scaling.md): compile the step for the mesh from
+    # abstract inputs (no weights read) and write <workdir>/plan.json with its bytes per device and FLOPs.
+    # plan_hbm_gib > 0 (implies plan): search the largest per-device batch, and the cheapest remat for it, that
+    # fit that many GiB per device, for every fsdp degree. plan_teacher: the architecture to plan with when
+    # teacher.source is not here (the planner downloads nothing), e.g. 'random:sdxl-base'.
+    c.plan = False
+    c.plan_hbm_gib = 0.0
+    c.plan_teacher = ""
 
     # Teacher source: anything `koala_jax.weights.read_source` reads: 'random:<preset or config.json>',
     # a JAX params dir (convert_weights.py to-jax), a diffusers U-Net/pipeline folder, a single file or
     # a hub id. The frozen teacher needs no fp32 master copy.
     c.teacher = ml_collections.ConfigDict({"source": "random:tiny-sdxl", "param_dtype": "bfloat16"})
+    # Student: a KOALA preset ('koala-1b', 'koala-700m') or a student spec .json path (docs/convert.md).
     c.student = ml_collections.ConfigDict({"variant": "koala-700m", "init": "teacher"})
 
     c.data = ml_collections.ConfigDict(
         {
-            "source": "synthetic",  # 'synthetic' or the output folder of prepare_data.py
+            # 'synthetic', the output folder of prepare_data.py, or any prepare_data.py --input (image folder, table,
+            # webdataset, tfds, 'world:<records>[:<captions>]'), then encoded once into <workdir>/data with the JAX
+            # encoders of `encoders` (a diffusers pipeline folder; empty: teacher.source) at `resolution` px (0: the
+            # size the teacher was trained at).
+            "source": "synthetic",
+            "encoders": "",
+            "resolution": 0,
             "global_batch_size": 128,
             "num_workers": 0,
             "caption_dropout": 0.1,  # classifier-free guidance: fraction of empty captions
@@ -86,16 +103,35 @@ def base_config() -> ml_collections.ConfigDict:
     c.ckpt = ml_collections.ConfigDict({"every": 500, "keep": 3, "async_save": True})
     # Sample grids in TensorBoard every `sample.every` steps (0: off): student (EMA if kept) and teacher
     # denoise the same noise for the first `sample.count` captions of the first batch with
-    # `sample.steps` Euler steps; decoded by the VAE at `sample.vae` (a diffusers vae/ folder, needs
-    # torch) or shown as a latent preview.
+    # `sample.steps` Euler steps; decoded by the VAE at `sample.vae` (a diffusers vae/ folder, decoded in
+    # JAX) or shown as a latent preview.
     c.sample = ml_collections.ConfigDict({"every": 0, "count": 4, "steps": 25, "vae": ""})
+    # Evaluation when the run ends (printed in the summary, written to <workdir>/eval/): the student (EMA if kept)
+    # and the teacher draw every prompt of `prompts` ('world-single', 'world-rich'; empty: off) with each seed,
+    # from the same noise, in JAX, with the VAE and text encoders of `pipeline` (empty: teacher.source).
+    c.eval = ml_collections.ConfigDict(
+        {
+            "prompts": "",
+            "seeds": (0, 1),
+            "steps": 20,
+            "guidance": 5.0,
+            "scheduler": "euler",
+            "pipeline": "",
+            "batch_size": 16,
+        }
+    )
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})
     c.compute = ml_collections.ConfigDict(
         {
             "dtype": "bfloat16",
             "remat": ("resnet", "transformer_block"),
             "remat_policy": "nothing_saveable",
+            # 'auto' (the best for the backend), 'xla', 'cudnn' (GPU), 'chunked' (memory-efficient, any
+            # backend), 'flash' / 'splash' (Pallas TPU kernels); see docs/training.md.
             "attention_impl": "auto",
+            # Query / key token blocks of 'chunked', 'flash' and 'splash' (memory: block_q x block_kv scores).
+            "attention_block_q": DEFAULT_BLOCK_Q,
+            "attention_block_kv": DEFAULT_BLOCK_KV,
         }
     )
     # Multi-host: 'auto' on TPU pods / SLURM (jax.distributed.initialize() finds its peers), or an

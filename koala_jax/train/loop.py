@@ -12,19 +12,28 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from koala_jax.data import make_train_loader, to_global_batch
 from koala_jax.dtypes import dtype
 from koala_jax.errors import KoalaError
 from koala_jax.train import preview, sharding
-from koala_jax.train.checkpoint import Checkpointer, write_student_config
+from koala_jax.train.checkpoint import Checkpointer, any_process, remove_unfinished, write_student_config
+from koala_jax.train.lock import WorkdirLock
 from koala_jax.train.losses import LossWeights
 from koala_jax.train.metrics import Throughput, compiled_flops, measure_peak_flops
 from koala_jax.train.noise import NoiseSchedule
-from koala_jax.train.setup import load_models, make_models, make_source, place, setup_distributed
-from koala_jax.train.state import init_state, make_optimizer
-from koala_jax.train.step import StepConfig, jit_train_step
+from koala_jax.train.preflight import check_run
+from koala_jax.train.setup import (
+    load_models,
+    make_models,
+    make_source,
+    make_step_config,
+    place,
+    setup_distributed,
+    train_optimizer,
+)
+from koala_jax.train.state import init_state
+from koala_jax.train.step import jit_train_step
 
 
 class NonFiniteLossError(KoalaError):
@@ -32,23 +41,31 @@ class NonFiniteLossError(KoalaError):
 
 
 class Preemption:
-    """Set by SIGTERM (TPU preemption, scheduler kill): the loop saves a checkpoint and exits."""
+    """SIGTERM (TPU preemption, a scheduler's kill) and Ctrl-C (SIGINT) alike: the loop finishes its step,
+    saves a checkpoint, waits for it and returns. A second Ctrl-C stops at once (KeyboardInterrupt: no save;
+    the run resumes from the last complete checkpoint). `close` gives the handlers back."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
+        self.requested: str | None = None  # the name of the first signal received
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:
-        info("SIGTERM received: saving a checkpoint and stopping")
-        self.requested = True
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.requested is None:
+            self.requested = signal.Signals(signum).name
+            again = " (Ctrl-C again: stop at once, without saving)" if signum == signal.SIGINT else ""
+            info(f"{self.requested} received: finishing this step, saving a checkpoint and stopping{again}")
 
     def agreed(self) -> bool:
         """All processes stop at the same step if any of them was signalled."""
-        if jax.process_count() == 1:
-            return self.requested
-        from jax.experimental import multihost_utils
+        return any_process(self.requested is not None)
 
-        return bool(np.any(multihost_utils.process_allgather(np.array(self.requested))))
+    def close(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 def info(message: str) -> None:
@@ -66,23 +83,39 @@ def log_line(step: int, total: int, metrics: dict[str, float]) -> str:
 
 def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     """Run (or resume) a distillation; returns the history of logged metrics, the final state, the
-    feature pairs and where the checkpoints are."""
+    feature pairs, where the checkpoints are, and the signal that stopped it early (if one did).
+
+    Every setting, input and an existing run in the workdir are checked first, before anything is loaded
+    or written (`preflight`); the workdir is then locked for this run (`lock`)."""
     setup_distributed(cfg.distributed)
+    check_run(cfg)
+    lock = WorkdirLock(cfg.workdir) if jax.process_index() == 0 else None
+    if lock:
+        lock.acquire(info)
+    preemption = Preemption()
+    try:
+        return run(cfg, preemption)
+    finally:
+        preemption.close()
+        if lock:
+            lock.release()
+
+
+def run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, Any]:
+    """The run of `train`, once its settings are checked and its workdir locked."""
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     info(f"mesh {dict(mesh.shape)} over {jax.process_count()} process(es), {jax.device_count()} device(s)")
 
     # Models: frozen teacher, student derived from it (KOALA layer-wise removal) and initialised from it.
     teacher_config, teacher_host, built = load_models(cfg)
-    if jax.process_index() == 0:
-        write_student_config(cfg.workdir, built.config)
-    teacher, student, pairs = make_models(cfg, teacher_config, built.config)
+    teacher, student, pairs = make_models(cfg, teacher_config, built.config, built.selection)
     info(
         f"student {cfg.student.variant} of teacher {cfg.teacher.source}: {len(built.mapping)} tensors from the "
         f"teacher, {len(built.fresh)} fresh; {len(pairs)} feature KD pairs ({', '.join(cfg.kd.features)})"
     )
 
     # Data: per-process shards of the records, assembled into global batches on the mesh.
-    source = make_source(cfg.data, teacher_config)
+    source = make_source(cfg.data, teacher_config, cfg.workdir, cfg.teacher.source)
     loader = make_train_loader(
         source,
         global_batch_size=cfg.data.global_batch_size,
@@ -96,42 +129,37 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     )
 
     # State: fresh (student on the mesh, optimizer initialised there) or restored from the latest checkpoint.
-    optimizer = make_optimizer(ml_collections.ConfigDict({**cfg.optim.to_dict(), "total_steps": cfg.total_steps}))
+    optimizer = train_optimizer(cfg)
     use_ema = cfg.ema_decay is not None
     abstract = jax.eval_shape(lambda p: init_state(p, optimizer, cfg.seed, use_ema), built.params)
     state_shardings = sharding.tree_shardings(abstract, mesh)
+    if jax.process_index() == 0:  # We hold the lock: nobody else is writing these.
+        for name in remove_unfinished(cfg.workdir):
+            info(f"removed {name}: an unfinished checkpoint save of an earlier run")
     checkpointer = Checkpointer(cfg.workdir, cfg.ckpt.every, cfg.ckpt.keep, cfg.ckpt.async_save)
-    start = checkpointer.latest_step()
-    if start is not None:
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings
-        )
-        state = checkpointer.restore(start, target, loader)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
+    restored = checkpointer.restore_newest(target, loader, info)
+    if restored is not None:
+        start, state = restored
         info(f"resumed from step {start}")
     else:
         start = 0
-        params = place(built.params, sharding.tree_shardings(built.params, mesh))
+        params = place(built.params, sharding.tree_shardings(built.params, mesh), check=cfg.teacher.source)
         state = jax.jit(lambda p: init_state(p, optimizer, cfg.seed, use_ema), out_shardings=state_shardings)(params)
-    teacher_params = place(teacher_host, sharding.tree_shardings(teacher_host, mesh), dtype(cfg.teacher.param_dtype))
+    if jax.process_index() == 0:  # The run is consistent: its student is what the checkpoints hold.
+        write_student_config(cfg.workdir, built.config)
+    weights = LossWeights(cfg.kd.task, cfg.kd.out, cfg.kd.feat)
+    teacher_params = {}  # Plain diffusion training (task loss only) never runs the teacher: it takes no memory.
+    if weights.uses_teacher:
+        teacher_params = place(
+            teacher_host,
+            sharding.tree_shardings(teacher_host, mesh),
+            dtype(cfg.teacher.param_dtype),
+            check=cfg.teacher.source,
+        )
     del teacher_host, built
 
-    step_cfg = StepConfig(
-        student=student,
-        teacher=teacher,
-        schedule=NoiseSchedule(
-            cfg.noise.num_train_timesteps,
-            cfg.noise.beta_start,
-            cfg.noise.beta_end,
-            cfg.noise.prediction_type,
-            tuple(cfg.noise.timesteps) if cfg.noise.timesteps else None,
-        ),
-        weights=LossWeights(cfg.kd.task, cfg.kd.out, cfg.kd.feat),
-        pairs=pairs,
-        optimizer=optimizer,
-        ema_decay=cfg.ema_decay,
-        caption_dropout=cfg.data.caption_dropout,
-        grad_accum=cfg.optim.grad_accum,
-    )
+    step_cfg = make_step_config(cfg, teacher, student, pairs, optimizer)
     step_fn = jit_train_step(
         step_cfg,
         state_shardings,
@@ -140,7 +168,6 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
         sharding.replicated(mesh),
     )
 
-    preemption = Preemption()
     writer = make_writer(cfg)
     peak = cfg.peak_tflops_per_device * 1e12 or measure_peak_flops(dtype(cfg.compute.dtype))
     if cfg.sample.every and not cfg.sample.vae:
@@ -150,7 +177,8 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
         batch = to_global_batch(next(loader), mesh, sharding.BATCH_AXES)
         val_batch = val_batch or batch
         if compiled is None:
-            compiled = step_fn.lower(state, teacher_params, batch, null).compile()
+            with jax.set_mesh(mesh):  # Pallas attention kernels (flash/splash) shard_map over the mesh
+                compiled = step_fn.lower(state, teacher_params, batch, null).compile()
             throughput = Throughput(cfg.data.global_batch_size, compiled_flops(compiled), peak)
         state, metrics = compiled(state, teacher_params, batch, null)
         if not bool(metrics["finite"]):
@@ -175,14 +203,18 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
                     writer.add_scalar(k if "/" in k else f"train/{k}", v, step + 1)
         if cfg.sample.every and (step + 1) % cfg.sample.every == 0:
             student_params = state.params if state.ema_params is None else state.ema_params
-            log_samples(
-                writer,
-                step + 1,
-                cfg,
-                {"student": (student, student_params), "teacher": (teacher, teacher_params)},
-                step_cfg.schedule,
-                val_batch,
-            )
+            with jax.set_mesh(mesh):
+                log_samples(
+                    writer,
+                    step + 1,
+                    cfg,
+                    {
+                        "student": (student, student_params),
+                        **({"teacher": (teacher, teacher_params)} if teacher_params else {}),
+                    },
+                    step_cfg.schedule,
+                    val_batch,
+                )
         stop = preemption.agreed()
         checkpointer.save(step + 1, state, loader, force=stop or step + 1 == cfg.total_steps)
         if stop:
@@ -198,6 +230,8 @@ def train(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
         "pairs": pairs,
         "checkpoints": checkpointer.directory,
         "step": int(state.step),
+        "process_index": jax.process_index(),
+        "stopped": preemption.requested,
     }
 
 

@@ -24,6 +24,11 @@ class LossWeights:
     out: float = 1.0
     feat: float = 1.0
 
+    @property
+    def uses_teacher(self) -> bool:
+        """False for plain diffusion training (task loss only): the teacher is then never run."""
+        return bool(self.out or self.feat)
+
 
 def mse(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     return jnp.mean(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)))
@@ -35,16 +40,17 @@ def feature_pairs(
     teacher: UNetConfig,
     student: UNetConfig,
     pattern: str = "",
+    selection: dict[str, tuple[int, ...]] | None = None,
 ) -> dict[str, str]:
     """{student feature path: teacher feature path} for every student feature (optionally only those
     matching the regex `pattern`) whose teacher source block (the one it was initialised from) exists
     with the same shape. A student feature without such a partner is an error: silently dropping a
-    distillation term would change the objective."""
+    distillation term would change the objective. `selection`: the teacher blocks a student spec lists."""
     pairs = {}
     for name, shape in sorted(student_shapes.items()):
         if pattern and not re.search(pattern, name):
             continue
-        source = teacher_path_for(name, teacher, student)
+        source = teacher_path_for(name, teacher, student, selection)
         if teacher_shapes.get(source) != shape:
             raise ConfigError(
                 f"student feature {name} {shape} has no teacher partner {source} "
@@ -56,19 +62,21 @@ def feature_pairs(
 
 def kd_losses(
     student_out: jnp.ndarray,
-    teacher_out: jnp.ndarray,
+    teacher_out: jnp.ndarray | None,
     target: jnp.ndarray,
     student_feats: dict[str, jnp.ndarray],
     teacher_feats: dict[str, jnp.ndarray],
     pairs: dict[str, str],
     weights: LossWeights,
 ) -> dict[str, jnp.ndarray]:
-    """The loss terms and their weighted total; teacher values carry no gradient."""
-    teacher_out = jax.lax.stop_gradient(teacher_out)
+    """The loss terms and their weighted total; teacher values carry no gradient. Without a teacher
+    (`teacher_out` None: plain diffusion training) both KD terms are 0."""
+    zero = jnp.zeros((), jnp.float32)
     feat = sum(
         (mse(student_feats[s], jax.lax.stop_gradient(teacher_feats[t])) for s, t in pairs.items()),
-        start=jnp.zeros((), jnp.float32),
+        start=zero,
     )
-    terms = {"task": mse(student_out, target), "out_kd": mse(student_out, teacher_out), "feat_kd": feat}
+    out_kd = zero if teacher_out is None else mse(student_out, jax.lax.stop_gradient(teacher_out))
+    terms = {"task": mse(student_out, target), "out_kd": out_kd, "feat_kd": feat}
     terms["total"] = weights.task * terms["task"] + weights.out * terms["out_kd"] + weights.feat * terms["feat_kd"]
     return terms

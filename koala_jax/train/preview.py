@@ -1,22 +1,29 @@
 """Sample grids during training: the student (and the teacher, for comparison) denoise the same
-noise with the same captions using an Euler sampler in JAX; the latents are decoded with the
-teacher's VAE when one is available (`koala_jax.pipelines.vae`, needs torch) or shown as a latent preview
-otherwise."""
+noise with the same captions using the pipelines' Euler sampler (`koala_jax.pipelines.euler`, trailing
+spacing, no guidance) on the training noise schedule; the latents are decoded by the teacher's VAE in JAX
+when one is given (`koala_jax.pipelines.vae`) or shown as a latent preview otherwise."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from koala_jax.models import UNet2DConditionModel
+from koala_jax.pipelines.euler import Conditioning, EulerSchedule
+from koala_jax.pipelines.euler import euler_sample as pipeline_euler_sample
 from koala_jax.train.noise import NoiseSchedule
 
 
-def euler_timesteps(schedule: NoiseSchedule, steps: int) -> np.ndarray:
-    """Trailing spacing (what few-step students are sampled with): 999, ..., down to ~1000/steps - 1."""
-    n = schedule.num_train_timesteps
-    return np.round(np.arange(n, 0, -n / steps)).astype(np.int64) - 1
+def euler_schedule(schedule: NoiseSchedule) -> EulerSchedule:
+    """The sampler's view of the training schedule: trailing spacing (what few-step students are sampled with)."""
+    return EulerSchedule(
+        num_train_timesteps=schedule.num_train_timesteps,
+        beta_start=schedule.beta_start,
+        beta_end=schedule.beta_end,
+        beta_schedule="scaled_linear",
+        prediction_type=schedule.prediction_type,
+        timestep_spacing="trailing",
+    )
 
 
 def euler_sample(
@@ -29,24 +36,10 @@ def euler_sample(
     schedule: NoiseSchedule,
     steps: int,
 ) -> jnp.ndarray:
-    """Euler sampling of an epsilon- or v-prediction U-Net (diffusers' EulerDiscreteScheduler, no
-    guidance): x_T = noise * sigma_T, x <- x + (sigma_next - sigma) * d with d = (x - x0_hat) / sigma."""
-    abar = schedule.alphas_cumprod
-    ts = euler_timesteps(schedule, steps)
-    sigmas = np.append(np.sqrt((1 - abar[ts]) / abar[ts]), 0.0).astype(np.float32)
-    apply = jax.jit(unet.apply)
-    x = noise * np.sqrt(sigmas[0] ** 2 + 1.0)
-    for i, t in enumerate(ts):
-        scale = 1.0 / np.sqrt(sigmas[i] ** 2 + 1.0)
-        out = apply({"params": params}, x * scale, jnp.full((x.shape[0],), t), ehs, pooled, time_ids).astype(
-            jnp.float32
-        )
-        if schedule.prediction_type == "epsilon":
-            x0 = x - sigmas[i] * out
-        else:  # v-prediction, in sigma form
-            x0 = x * scale**2 - out * sigmas[i] * scale
-        x = x + (sigmas[i + 1] - sigmas[i]) * (x - x0) / sigmas[i]
-    return x
+    """Latents sampled by `unet` from `noise` for the batch's conditioning, no guidance."""
+    return pipeline_euler_sample(
+        unet, params, noise, Conditioning(ehs, pooled, time_ids), euler_schedule(schedule), steps
+    )
 
 
 def latent_preview(latents: np.ndarray) -> np.ndarray:

@@ -45,18 +45,26 @@ def read_config(path: str | os.PathLike) -> UNetConfig:
     are refused by name)."""
     path = Path(path)
     file = path if path.is_file() else unet_folder(path) / CONFIG_NAME
-    try:
-        raw = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConvertError(f"{file}: not a JSON config ({e})") from e
-    if not isinstance(raw, dict):
-        raise ConvertError(f"{file}: not a JSON object")
+    raw = read_json(file)
     if raw.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
         raise ConvertError(f"{file}: _class_name is {raw['_class_name']!r}, expected 'UNet2DConditionModel'")
     try:
         return UNetConfig.from_diffusers(raw)
     except ValueError as e:  # Unsupported fields, inconsistent lengths.
         raise ConvertError(f"{file}: {e}") from e
+
+
+def read_json(file: Path) -> dict:
+    """A JSON object from `file` (a config.json, model_index.json, ...), or an error naming the file."""
+    if not file.is_file():
+        raise MissingPathError(f"no such file: {file}")
+    try:
+        raw = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConvertError(f"{file}: not a JSON config ({e})") from e
+    if not isinstance(raw, dict):
+        raise ConvertError(f"{file}: not a JSON object")
+    return raw
 
 
 def require_sdxl_family(config: UNetConfig, where: object) -> None:
@@ -71,18 +79,22 @@ def require_sdxl_family(config: UNetConfig, where: object) -> None:
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """The U-Net state dict of a diffusers folder (single file or sharded with an index), memory-mapped."""
-    folder = unet_folder(path)
-    if (folder / WEIGHTS_NAME).is_file():
-        return load_file(folder / WEIGHTS_NAME)
-    if (folder / WEIGHTS_INDEX_NAME).is_file():
-        weight_map = json.loads((folder / WEIGHTS_INDEX_NAME).read_text())["weight_map"]
+    return read_safetensors_weights(unet_folder(path), WEIGHTS_NAME)
+
+
+def read_safetensors_weights(folder: Path, name: str) -> dict[str, np.ndarray]:
+    """`folder/name`, or every shard listed in `folder/name.index.json` (how diffusers and transformers both
+    shard), memory-mapped."""
+    index = folder / f"{name}.index.json"
+    if (folder / name).is_file():
+        return load_file(folder / name)
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
         state = {}
         for shard in sorted(set(weight_map.values())):
             state.update(load_file(folder / shard))
         return state
-    raise MissingPathError(
-        f"{folder}: neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME} (only safetensors weights are read by default)"
-    )
+    raise MissingPathError(f"{folder}: neither {name} nor {index.name} (only safetensors weights are read by default)")
 
 
 def has_safetensors(path: str | os.PathLike) -> bool:

@@ -25,10 +25,11 @@ import orbax.checkpoint as ocp
 from flax.traverse_util import flatten_dict, unflatten_dict
 from orbax.checkpoint import type_handlers
 
-from koala_jax.errors import MissingPathError
+from koala_jax.errors import ConvertError, MissingPathError
 from koala_jax.models import UNetConfig, abstract_params
 from koala_jax.weights.atomic import atomic_output_dir
 from koala_jax.weights.diffusers_dir import CONFIG_NAME
+from koala_jax.weights.orbax_errors import describe_failure, quiet_closed_loop_noise
 from koala_jax.weights.state_dict import check_against
 
 PARAMS_NAME = "params"
@@ -87,14 +88,22 @@ def load_params(path: str | os.PathLike) -> tuple[UNetConfig, dict]:
     path = Path(path).absolute()
     config = read_params_config(path)
     checkpointer = _checkpointer()
-    saved = flatten_dict(checkpointer.metadata(path / PARAMS_NAME).item_metadata.tree)
+    quiet_closed_loop_noise()
+    metadata = checkpointer.metadata(path / PARAMS_NAME)
+    if metadata is None or metadata.item_metadata is None:
+        raise ConvertError(f"{path}: damaged JAX params dir ({PARAMS_NAME}/ has no readable orbax metadata)")
+    saved = flatten_dict(metadata.item_metadata.tree)
     check_against(saved, flatten_dict(abstract_params(config)))
     params = {}
     for chunk in _chunks(saved, RESTORE_CHUNK_BYTES):
         item = unflatten_dict({p: np.empty(0) for p in chunk})  # Only the structure is used.
         restore_args = unflatten_dict({p: ocp.RestoreArgs(restore_type=np.ndarray) for p in chunk})
         args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
-        params.update(flatten_dict(checkpointer.restore(path / PARAMS_NAME, args=args)))
+        # orbax wraps a tensorstore read failure (a missing or truncated array file) in a bare Exception.
+        try:
+            params.update(flatten_dict(checkpointer.restore(path / PARAMS_NAME, args=args)))
+        except Exception as e:  # a damaged params dir (see above); the cause is kept for --debug
+            raise ConvertError(f"{path}: damaged JAX params dir ({describe_failure(e)})") from e
     return config, unflatten_dict(params)
 
 

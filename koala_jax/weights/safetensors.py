@@ -18,8 +18,10 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from numpy.lib.array_utils import byte_bounds
 
 from koala_jax.errors import KoalaError
+from koala_jax.weights.progress import Progress
 
 _DTYPES = {
     "F64": np.float64,
@@ -84,7 +86,8 @@ def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def save_file(
     tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
 ) -> None:
-    """Write `tensors` to `path` atomically (temporary name, then rename), one tensor at a time."""
+    """Write `tensors` to `path` atomically (temporary name, then rename), one tensor at a time, showing
+    progress on stderr for long writes (`weights.progress`)."""
     if sys.byteorder != "little":
         raise SafetensorsError("safetensors is little-endian; writing from a big-endian host is not supported")
     path = Path(path)
@@ -101,10 +104,36 @@ def save_file(
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # Align the data section to 8 bytes, as the reference writer does.
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        for name in sorted(arrays):
-            f.write(np.ascontiguousarray(arrays[name]).tobytes())  # Native order: little-endian hosts only.
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    progress = Progress(f"writing {path.name}", offset, len(arrays))
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)) + blob)
+            for name in sorted(arrays):
+                f.write(np.ascontiguousarray(arrays[name]).tobytes())  # Native order: little-endian hosts only.
+                progress.update(arrays[name].nbytes)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        progress.close()
+        tmp.unlink(missing_ok=True)
+
+
+def read_slice(array: np.ndarray, index: tuple) -> np.ndarray:
+    """`array[index]`, where `array` may be a memory-mapped tensor of `load_file` or a view of one (a transpose),
+    read with one explicit read of the bytes the slice spans. Page faults on the map would read around each
+    fault (megabytes per tensor), which costs a host holding 1/N of every tensor far more than 1/N of the file;
+    a slice that is contiguous in the file (a run of its outermost axis) reads exactly its own bytes."""
+    part = array[index]
+    source = part
+    while isinstance(source.base, np.ndarray):
+        source = source.base
+    if not isinstance(source, np.memmap) or not part.size:
+        return part
+    lo, hi = byte_bounds(part)
+    buffer = np.empty(hi - lo, np.uint8)
+    with open(source.filename, "rb") as f:
+        f.seek(source.offset + lo - byte_bounds(source)[0])
+        f.readinto(buffer)
+    start = part.__array_interface__["data"][0] - lo
+    return np.ndarray(part.shape, part.dtype, buffer=buffer, offset=start, strides=part.strides)

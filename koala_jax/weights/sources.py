@@ -8,6 +8,8 @@ only the U-Net's config and safetensors).
 
 Memory: file sources are memory-mapped and converted to Flax layout as lazy views (no data read);
 every key and shape is validated before any tensor is materialised (see `weights.export.drain`).
+Values: `read_source` streams the weights once and refuses NaN/Inf values by tensor name
+(`weights.checks`); the exporters, which cast every tensor anyway, skip that pass and check as they cast.
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ import os
 import re
 from pathlib import Path
 
+from flax.traverse_util import flatten_dict
+
 from koala_jax.errors import ConvertError, MissingPathError
 from koala_jax.models import UNetConfig, random_params
 from koala_jax.students.presets import PRESET_NAMES, preset
+from koala_jax.weights.checks import check_finite
 from koala_jax.weights.diffusers_dir import (
     CONFIG_NAME,
     PICKLE_WEIGHTS_NAME,
@@ -33,6 +38,7 @@ from koala_jax.weights.diffusers_dir import (
 )
 from koala_jax.weights.params_dir import is_params_dir, load_params, read_params_config
 from koala_jax.weights.single_file import read_single_file, read_weights_file
+from koala_jax.weights.state_dict import flax_path_to_torch_key
 from koala_jax.weights.training_run import STUDENT_CONFIG, is_training_dir, read_student_config, restore_params
 
 RANDOM_PREFIX = "random:"
@@ -48,11 +54,13 @@ def read_source(
     ema: bool = False,
     step: int | None = None,
     seed: int = 0,
+    check_values: bool = True,
 ) -> tuple[UNetConfig, dict]:
     """(config, params in Flax layout) of any source; params may be lazy memory-mapped views.
 
     `config_path`: a diffusers config.json (or its folder) for single files (inferred when not given);
-    `ema`/`step`: which params of a training run; `seed`: of `random:` sources.
+    `ema`/`step`: which params of a training run; `seed`: of `random:` sources; `check_values`: stream the
+    weights once for NaN/Inf values (off for callers that check while they cast, as the exporters do).
     """
     text, path = str(src), Path(src)
     if (ema or step is not None) and not is_training_dir(path):
@@ -78,6 +86,8 @@ def read_source(
             f"{src}: no such file or folder (nor a Hugging Face hub id such as 'org/name', nor random:<preset>)"
         )
     require_sdxl_family(config, src)
+    if check_values and not text.startswith(RANDOM_PREFIX):
+        check_finite(((flax_path_to_torch_key(p), v) for p, v in flatten_dict(params).items()), src)
     return config, params
 
 
@@ -125,4 +135,4 @@ def source_config(src: str, config_path: str | None = None, allow_pickle: bool =
         return read_params_config(path), f"JAX params dir {path}"
     if not path.exists() and not _HUB_ID.match(src):
         raise MissingPathError(f"{src}: no such file or folder, and not a preset ({', '.join(PRESET_NAMES)})")
-    return read_source(src, config_path, allow_pickle)[0], f"weights {src}"
+    return read_source(src, config_path, allow_pickle, check_values=False)[0], f"weights {src}"

@@ -1,0 +1,52 @@
+"""Text-to-image models as evaluation `Generator`s: the JAX pipeline (no torch) or diffusers'
+StableDiffusionXLPipeline, each drawing image i from `initial_noise(seed_i)`, in batches."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from koala_jax.evaluation.world_eval import Generated, Generator
+from koala_jax.pipelines.sampling import Settings
+
+BACKENDS = ("jax", "diffusers")
+
+
+def batched(draw: Callable[[list[str], list[int]], tuple[np.ndarray, np.ndarray]], batch_size: int) -> Generator:
+    """A Generator that calls `draw(prompts, seeds) -> (images, latents)` on at most `batch_size` items at once."""
+
+    def generate(prompts: Sequence[str], seeds: Sequence[int]) -> Generated:
+        images, latents = [], []
+        for i in range(0, len(prompts), batch_size):
+            pixels, final = draw(list(prompts[i : i + batch_size]), list(seeds[i : i + batch_size]))
+            images += list(pixels)
+            latents += list(final)
+        return Generated(images, latents)
+
+    return generate
+
+
+def load_generator(
+    backend: str,
+    pipeline: str | os.PathLike,
+    unet: str | os.PathLike | None,
+    settings: Settings,
+    ema: bool = False,
+    batch_size: int = 16,
+    dtype: str = "fp32",
+) -> Generator:
+    """The pipeline folder `pipeline` with the U-Net of `unet` (a train.py run, a JAX params dir, a diffusers
+    U-Net or pipeline folder; None: the pipeline's own), sampling with `settings`."""
+    if backend == "jax":
+        from koala_jax.pipelines.jax_sdxl import JaxSDXLPipeline
+
+        pipe = JaxSDXLPipeline.load(pipeline, unet, dtype=dtype, ema=ema)
+        return batched(lambda prompts, seeds: pipe.generate(prompts, settings, seeds), batch_size)
+    from koala_jax.pipelines import sampling
+
+    device, dtype = sampling.pick_device(dtype)
+    pipe = sampling.load_pipeline(str(pipeline), None if unet is None else str(unet), dtype, device)
+    pipe.scheduler = sampling.make_scheduler(settings.scheduler, pipe.scheduler.config)
+    return batched(lambda prompts, seeds: sampling.generate_batch(pipe, prompts, seeds, settings), batch_size)
