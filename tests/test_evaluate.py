@@ -11,6 +11,7 @@ from PIL import Image
 
 from koala_jax.cli import evaluate
 from koala_jax.data import world
+
 from tests.conftest import build_teacher_pipeline, run
 
 
@@ -19,15 +20,43 @@ def pipelines(tmp_path_factory):
     """(teacher pipeline folder, student pipeline folder: the teacher's KOALA-700M, exported with its pipeline)."""
     root = tmp_path_factory.mktemp("eval")
     build_teacher_pipeline(root / "teacher")
-    assert run("student", "--teacher", root / "teacher", "--variant", "koala-700m", "--format", "diffusers",
-               "--pipeline", root / "teacher", "--out", root / "student") == 0
+    assert (
+        run(
+            "student",
+            "--teacher",
+            root / "teacher",
+            "--variant",
+            "koala-700m",
+            "--format",
+            "diffusers",
+            "--pipeline",
+            root / "teacher",
+            "--out",
+            root / "student",
+        )
+        == 0
+    )
     return root / "teacher", root / "student"
 
 
 def test_identical_models_agree_exactly_and_a_student_differs(pipelines, tmp_path, capsys):
     teacher, student = pipelines
-    argv = ["--model", f"teacher={teacher}", "--model", f"copy={teacher}", "--model", f"student={student}",
-            "--prompts", "world-single", "--seeds", "3,4", "--steps", "2", "--out", str(tmp_path)]
+    argv = [
+        "--model",
+        f"teacher={teacher}",
+        "--model",
+        f"copy={teacher}",
+        "--model",
+        f"student={student}",
+        "--prompts",
+        "world-single",
+        "--seeds",
+        "3,4",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path),
+    ]
     assert evaluate.main(argv) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     items = len(world.single_object_prompts()) * 2
@@ -47,8 +76,20 @@ def test_identical_models_agree_exactly_and_a_student_differs(pipelines, tmp_pat
 def test_diffusers_backend_draws_the_same_images(pipelines, tmp_path):
     teacher, _ = pipelines
     for backend in ("jax", "diffusers"):
-        argv = ["--model", f"teacher={teacher}", "--prompts", "world-single", "--seeds", "1", "--steps", "2",
-                "--backend", backend, "--out", str(tmp_path / backend)]
+        argv = [
+            "--model",
+            f"teacher={teacher}",
+            "--prompts",
+            "world-single",
+            "--seeds",
+            "1",
+            "--steps",
+            "2",
+            "--backend",
+            backend,
+            "--out",
+            str(tmp_path / backend),
+        ]
         assert evaluate.main(argv) == 0
     grids = [np.asarray(Image.open(tmp_path / b / "grid.png"), np.float64) for b in ("jax", "diffusers")]
     psnr = 10 * np.log10(255**2 / max(np.mean((grids[0] - grids[1]) ** 2), 1e-12))

@@ -171,7 +171,7 @@ def test_sample_jax_refuses_what_it_cannot_do(folders, tmp_path, capsys):
     cases = [
         (["--scheduler", "dpm++"], "--backend jax samples with euler or euler-trailing"),
         (["--unet", str(tmp_path / "unet")], "does not fit this pipeline's encoders (cross_attention_dim"),
-        (["--height", "63"], "multiples of 2"),
+        (["--height", "63"], "is not a multiple of the VAE's factor 2"),
     ]
     for flags, message in cases:
         argv = ["--backend", "jax", "--model", str(pipeline), "--prompt", "x", "--steps", "1", "--out", str(tmp_path)]

@@ -184,7 +184,7 @@ def test_two_processes_plan_through_train_py(tmp_path):
     env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"}
     address = f"localhost:{free_port()}"
     flags = [
-        "--config=configs/tiny.py",
+        "--config=configs/tiny_random.py",
         "--config.plan=True",
         f"--config.workdir={tmp_path / 'run'}",
         f"--config.teacher.source=random:{teacher}",

@@ -208,8 +208,21 @@ def test_plain_diffusion_training_of_the_teachers_own_architecture(tmp_path):
     and the trained model is the teacher's architecture, whose task loss goes down."""
     steps = 8
     history, _ = finish(
-        start_worker(tmp_path, "--steps", str(steps), "--set", "student.variant='same'", "--set", "student.init='random'",
-                     "--set", "kd.out=0.0", "--set", "kd.feat=0.0", "--set", "optim.lr=3e-3")
+        start_worker(
+            tmp_path,
+            "--steps",
+            str(steps),
+            "--set",
+            "student.variant='same'",
+            "--set",
+            "student.init='random'",
+            "--set",
+            "kd.out=0.0",
+            "--set",
+            "kd.feat=0.0",
+            "--set",
+            "optim.lr=3e-3",
+        )
     )
     assert all(r["out_kd"] == 0.0 and r["feat_kd"] == 0.0 and r["total"] == r["task"] for r in history)
     first, last = np.mean([r["task"] for r in history[:3]]), np.mean([r["task"] for r in history[-3:]])

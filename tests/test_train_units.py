@@ -116,3 +116,16 @@ def test_preview_sampler_timesteps_and_sigmas_match_diffusers_euler_trailing():
     images = latent_preview(np.random.default_rng(0).standard_normal((3, 4, 5, 6)))
     assert images.shape == (3, 5, 6, 3) and images.min() == 0.0 and images.max() == 1.0
     assert grid(images, columns=2).shape == (10, 12, 3)
+
+
+def test_ema_decay_warms_up_as_diffusers_ema_model():
+    """diffusers' EMAModel.get_decay after its optimization_step += 1, for our update index (state.step)."""
+    from diffusers.training_utils import EMAModel
+
+    from koala_jax.train.step import ema_decay_at
+
+    reference = EMAModel(torch.nn.Linear(1, 1).parameters(), decay=0.999)
+    for step in (0, 1, 2, 50, 1000, 20000):
+        want = reference.get_decay(step + 1)
+        got = float(ema_decay_at(0.999, jnp.asarray(step)))
+        assert abs(got - want) < 1e-6, (step, got, want)

@@ -9,20 +9,35 @@ text encoders, tokenizers and scheduler) a U-Net source: a train.py run, a JAX p
 folder. The first model is the reference for agreement (PSNR/MSE of images and final latents from the same
 noise). Tiny-world prompt sets (world-single: every colour x shape; world-rich: sizes, positions, backgrounds and
 relations) are scored by the world's detector (attribute accuracy).
+
+Real SDXL-family models: --prompts-file (one prompt per line) instead of a world set, and any of --clip DIR (CLIP
+score with a local CLIP folder), --fid-reference DIR (FID against a folder of reference images) and
+--hps-checkpoint FILE --allow-pickle (HPSv2), each an extra column. Every path is checked before a model is loaded.
+
+    python evaluate.py --model koala=export/koala-700m --model sdxl=stable-diffusion-xl-base-1.0 \\
+        --prompts-file prompts.txt --seeds 0 --size 1024 --steps 25 --clip clip-vit-large-patch14 \\
+        --fid-reference coco-val/ --out runs/eval
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from koala_jax.cli.runner import make_parser, run
+from koala_jax.data import world
 from koala_jax.errors import ConfigError, MissingPathError
 from koala_jax.evaluation import world_eval
+from koala_jax.evaluation.agreement import agreement
 from koala_jax.evaluation.generators import BACKENDS, load_generator
-from koala_jax.evaluation.report import markdown_table
+from koala_jax.evaluation.real_metrics import CLIP_REPO, RealMetricInputs, score_models
+from koala_jax.evaluation.report import markdown_table, side_by_side, write_json
+from koala_jax.evaluation.world_eval import Generated, Generator
 from koala_jax.pipelines.sampling import Settings
 from koala_jax.weights.pipeline_dir import default_image_size, is_pipeline_dir
+from koala_jax.weights.training_run import is_training_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", action="append", required=True, metavar="NAME=PATH", help="a model to evaluate")
     parser.add_argument("--pipeline", help="pipeline folder for models given as U-Net sources")
     parser.add_argument("--ema", action="store_true", help="the EMA params of models that are train.py runs")
-    parser.add_argument("--prompts", default="world-single", help=f"{' | '.join(world_eval.PROMPT_SETS)}")
+    parser.add_argument("--prompts", help=f"{' | '.join(world_eval.PROMPT_SETS)} (default: world-single)")
+    parser.add_argument("--prompts-file", metavar="FILE", help="UTF-8 text, one prompt per line (real models)")
+    parser.add_argument("--clip", metavar="DIR", help=f"a local CLIP folder (e.g. {CLIP_REPO}): CLIP score")
+    parser.add_argument("--fid-reference", metavar="DIR", help="a folder of reference images (png/jpg/webp): FID")
+    parser.add_argument("--hps-checkpoint", metavar="FILE", help="HPS_v2.1_compressed.pt (needs hpsv2): HPSv2")
+    parser.add_argument("--allow-pickle", action="store_true", help="let hpsv2 load its checkpoint (a pickle)")
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds; every prompt is drawn with each")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=5.0)
@@ -76,26 +96,134 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def read_prompts_file(path: str) -> list[str]:
+    """The non-empty lines of a UTF-8 text file (a byte-order mark is allowed), stripped."""
+    if not Path(path).is_file():
+        raise MissingPathError(f"--prompts-file {path}: no such file")
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--prompts-file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError(f"--prompts-file {path}: no prompts (one per line)")
+    return prompts
+
+
+def parse_prompts(args: argparse.Namespace) -> tuple[list[world.Prompt] | None, list[str]]:
+    """(the world prompt set, or None for a prompts file; the prompt texts)."""
+    if args.prompts_file is not None and args.prompts is not None:
+        raise ConfigError("give --prompts (a world set) or --prompts-file, not both")
+    if args.prompts_file is not None:
+        return None, read_prompts_file(args.prompts_file)
+    args.prompts = args.prompts or "world-single"
+    prompts = world_eval.prompt_set(args.prompts)
+    return prompts, [p.text for p in prompts]
+
+
+def real_metric_inputs(args: argparse.Namespace) -> RealMetricInputs:
+    """The real-model metrics asked for, their folders and files checked (nothing is loaded)."""
+    inputs = RealMetricInputs(
+        clip_dir=None if args.clip is None else Path(args.clip),
+        fid_reference=None if args.fid_reference is None else Path(args.fid_reference),
+        hps_checkpoint=None if args.hps_checkpoint is None else Path(args.hps_checkpoint),
+        allow_pickle=args.allow_pickle,
+    )
+    inputs.check()
+    return inputs
+
+
+@dataclasses.dataclass
+class Report:
+    """What evaluate.py writes, for world prompt sets and prompt files alike: one row and one report.json entry
+    per model, the (prompt, seed) items, and the images for the grid."""
+
+    reference: str | None
+    items: list[dict[str, object]]
+    generated: dict[str, Generated]
+    models: dict[str, dict[str, object]]
+    columns: tuple[str, ...]
+
+    @classmethod
+    def of_world(cls, result: world_eval.WorldEvaluation) -> Report:
+        data = result.to_json()
+        return cls(result.reference, data["items"], result.generated, data["models"], world_eval.COLUMNS)
+
+    def labels(self) -> list[str]:
+        return [f"{item['prompt']} (seed {item['seed']})" for item in self.items]
+
+    def rows(self) -> list[dict[str, object]]:
+        return [
+            {"model": m, **entry.get("accuracy", {}), **entry["agreement"], **entry.get("metrics", {})}
+            for m, entry in self.models.items()
+        ]
+
+    def add_metrics(self, scores: Mapping[str, Mapping[str, dict]], names: Sequence[str]) -> None:
+        """Real-model metrics: their keys in each model's report.json entry, their columns in the table."""
+        for model, entry in scores.items():
+            self.models[model].update(entry)
+        self.columns = (*self.columns, *names)
+
+    def write(self, out: Path, settings: Mapping[str, object]) -> None:
+        """report.json (settings, metrics per model, items), report.md (the table), grid.png (models side by side)."""
+        out.mkdir(parents=True, exist_ok=True)
+        data = {"settings": dict(settings), "reference": self.reference, "items": self.items, "models": self.models}
+        write_json(out / "report.json", data)
+        (out / "report.md").write_text(markdown_table(self.rows(), self.columns) + "\n")
+        side_by_side({m: g.images for m, g in self.generated.items()}, self.labels()).save(out / "grid.png")
+
+
+def evaluate_texts(generators: Mapping[str, Generator], texts: Sequence[str], seeds: Sequence[int]) -> Report:
+    """Every (prompt, seed) with every model, and each model's agreement with the first (the reference); no
+    world accuracy, as these prompts have no attributes to check."""
+    items = [{"prompt": t, "seed": s} for t in texts for s in seeds]
+    prompts, item_seeds = [i["prompt"] for i in items], [i["seed"] for i in items]
+    generated = {name: generate(prompts, item_seeds) for name, generate in generators.items()}
+    reference = next(iter(generated))
+    ref = generated[reference]
+    models = {
+        name: {"agreement": {} if name == reference else agreement(g.images, ref.images, g.latents, ref.latents)}
+        for name, g in generated.items()
+    }
+    return Report(reference, items, generated, models, ("model", "psnr_db", "image_mse", "latent_mse"))
+
+
 def evaluate(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.steps < 1 or args.batch_size < 1 or (args.size is not None and args.size < 1):
         raise ConfigError(f"--steps {args.steps}, --batch-size {args.batch_size} and --size must be positive")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ConfigError(f"--out {args.out} is a file, not a folder")
-    prompts = world_eval.prompt_set(args.prompts)
+    world_prompts, texts = parse_prompts(args)
     seeds = parse_seeds(args.seeds)
     if args.pipeline and not is_pipeline_dir(args.pipeline):
         raise MissingPathError(f"--pipeline {args.pipeline}: not a diffusers pipeline folder (no model_index.json)")
     models = parse_models(args.model, args.pipeline)
+    metrics = real_metric_inputs(args)
     size = args.size or default_image_size(next(iter(models.values()))[0])
     settings = Settings(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, height=size, width=size)
     generators = {
-        name: load_generator(args.backend, pipeline, unet, settings, args.ema, args.batch_size)
+        name: load_generator(
+            args.backend,
+            pipeline,
+            unet,
+            settings,
+            args.ema and unet is not None and is_training_dir(unet),
+            args.batch_size,
+        )
         for name, (pipeline, unet) in models.items()
     }
-    result = world_eval.evaluate_world(generators, prompts, seeds, reference=next(iter(models)))
-    world_eval.write_report(result, Path(args.out), {**vars(args), "size": size})
-    print(markdown_table(result.rows(), world_eval.COLUMNS))
+    if world_prompts is None:
+        report = evaluate_texts(generators, texts, seeds)
+    else:
+        result = world_eval.evaluate_world(generators, world_prompts, seeds, reference=next(iter(models)))
+        report = Report.of_world(result)
+    if metrics.names():
+        item_prompts = [item["prompt"] for item in report.items]
+        images = {m: g.images for m, g in report.generated.items()}
+        report.add_metrics(score_models(images, item_prompts, metrics, args.batch_size), metrics.names())
+    report.write(Path(args.out), {**vars(args), "size": size})
+    print(markdown_table(report.rows(), report.columns))
     print(f"wrote report.json, report.md and grid.png to {Path(args.out).absolute()}")
     return 0
 

@@ -158,13 +158,22 @@ def evaluation_summary(cfg, result) -> list[str]:
     """The student's accuracy next to the teacher's, and how close its images are."""
     teacher, student = result.accuracy["teacher"], result.accuracy["student"]
     agreement = result.agreement["student"]
-    keys = [k for k in ("colour", "shape", "count", "position", "size", "relation", "all") if teacher[k] == teacher[k]]
-    ratio = student["all"] / teacher["all"] if teacher["all"] else float("nan")
+    keys = [
+        k
+        for k in ("colour", "shape", "colour_shape", "count", "position", "size", "relation", "all")
+        if teacher[k] == teacher[k]
+    ]
+
+    def share(key: str) -> str:
+        return f"{100 * student[key] / teacher[key]:.0f}%" if teacher[key] else "n/a"
+
     return [
         f"evaluation ({cfg.eval.prompts}: {len(result.prompts)} prompts x {len(result.seeds)} seeds, {cfg.eval.steps} "
-        f"Euler steps, guidance {cfg.eval.guidance}; the detector's accuracy, 'all' = every stated attribute right):",
+        f"Euler steps, guidance {cfg.eval.guidance}; the detector's accuracy; colour_shape: the named object's colour "
+        "and shape; all: every stated attribute right, with exactly the objects named):",
         "  teacher: " + ", ".join(f"{k} {teacher[k]:.2f}" for k in keys),
-        "  student: " + ", ".join(f"{k} {student[k]:.2f}" for k in keys) + f"  ({100 * ratio:.0f}% of the teacher)",
+        "  student: " + ", ".join(f"{k} {student[k]:.2f}" for k in keys),
+        f"  the student has {share('colour_shape')} of the teacher's colour_shape and {share('all')} of its all",
         f"  student vs teacher from the same noise: PSNR {agreement['psnr_db']:.1f} dB, latent MSE "
         f"{agreement['latent_mse']:.4f}; grid and report in {Path(cfg.workdir) / 'eval'}",
     ]

@@ -140,6 +140,23 @@ def euler_sample(
     )
 
 
+def guided_prediction(
+    unet: UNet2DConditionModel,
+    params: Any,
+    x: jnp.ndarray,
+    t: jnp.ndarray,
+    both: Conditioning,
+    guidance_scale: float,
+) -> jnp.ndarray:
+    """Classifier-free guidance as StableDiffusionXLPipeline: one U-Net call on [x, x] conditioned on `both`
+    ([uncond, cond] stacked on the batch), then uncond + guidance_scale * (cond - uncond), float32. `t`: () or
+    one per sample of `x`. Progressive distillation (koala_jax.train.progressive) guides its teacher the same way."""
+    t = jnp.concatenate([t, t]) if jnp.ndim(t) else t
+    out = unet.apply({"params": params}, jnp.concatenate([x, x]), t, *both)
+    uncond_out, cond_out = jnp.split(out.astype(jnp.float32), 2)
+    return uncond_out + guidance_scale * (cond_out - uncond_out)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _euler_loop(
     unet: UNet2DConditionModel,
@@ -156,9 +173,7 @@ def _euler_loop(
         sigma = sigmas[i]
         scaled = x / jnp.sqrt(sigma**2 + 1)
         if guided:
-            both = unet.apply({"params": params}, jnp.concatenate([scaled, scaled]), timesteps[i], *cond)
-            uncond_out, cond_out = jnp.split(both.astype(jnp.float32), 2)
-            out = uncond_out + guidance_scale * (cond_out - uncond_out)
+            out = guided_prediction(unet, params, scaled, timesteps[i], cond, guidance_scale)
         else:
             out = unet.apply({"params": params}, scaled, timesteps[i], *cond).astype(jnp.float32)
         if prediction_type == "epsilon":

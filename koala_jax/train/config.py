@@ -77,6 +77,12 @@ def base_config() -> ml_collections.ConfigDict:
             "feature_regex": "",  # only student feature paths matching this (empty: all)
         }
     )
+    # 'koala' (the KD loss above) or 'progressive': step distillation of the teacher (koala_jax/train/progressive.py;
+    # use student.variant='same', kd.out = kd.feat = 0). The student learns in `steps` Euler steps (trailing
+    # spacing) what the teacher draws in twice as many, the teacher guided at `guidance` (1: none, for rounds whose
+    # teacher is already step-distilled); the result samples without guidance.
+    c.objective = "koala"
+    c.progressive = ml_collections.ConfigDict({"steps": 8, "guidance": 5.0})
     c.noise = ml_collections.ConfigDict(
         {
             "prediction_type": "epsilon",
@@ -137,4 +143,18 @@ def base_config() -> ml_collections.ConfigDict:
     # Multi-host: 'auto' on TPU pods / SLURM (jax.distributed.initialize() finds its peers), or an
     # explicit coordinator address with process count and id (multi-node GPU, CPU tests).
     c.distributed = ml_collections.ConfigDict({"auto": False, "coordinator": "", "num_processes": 1, "process_id": 0})
+    return c
+
+
+def cpu_config() -> ml_collections.ConfigDict:
+    """`base_config()` for the tiny configs, which run on a CPU in minutes: float32 everywhere (a CPU has no fast
+    bf16 matmuls), no remat (small activations), XLA attention (the fastest at these token counts), no weight
+    decay, EMA 0.99."""
+    c = base_config()
+    c.teacher.param_dtype = "float32"
+    c.optim.weight_decay = 0.0
+    c.ema_decay = 0.99
+    c.compute.dtype = "float32"
+    c.compute.remat = ()
+    c.compute.attention_impl = "xla"
     return c

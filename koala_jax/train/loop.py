@@ -19,7 +19,6 @@ from koala_jax.errors import KoalaError
 from koala_jax.train import preview, sharding
 from koala_jax.train.checkpoint import Checkpointer, any_process, remove_unfinished, write_student_config
 from koala_jax.train.lock import WorkdirLock
-from koala_jax.train.losses import LossWeights
 from koala_jax.train.metrics import Throughput, compiled_flops, measure_peak_flops
 from koala_jax.train.noise import NoiseSchedule
 from koala_jax.train.preflight import check_run
@@ -148,9 +147,9 @@ def run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, Any
         state = jax.jit(lambda p: init_state(p, optimizer, cfg.seed, use_ema), out_shardings=state_shardings)(params)
     if jax.process_index() == 0:  # The run is consistent: its student is what the checkpoints hold.
         write_student_config(cfg.workdir, built.config)
-    weights = LossWeights(cfg.kd.task, cfg.kd.out, cfg.kd.feat)
+    step_cfg = make_step_config(cfg, teacher, student, pairs, optimizer)
     teacher_params = {}  # Plain diffusion training (task loss only) never runs the teacher: it takes no memory.
-    if weights.uses_teacher:
+    if step_cfg.uses_teacher:
         teacher_params = place(
             teacher_host,
             sharding.tree_shardings(teacher_host, mesh),
@@ -159,7 +158,6 @@ def run(cfg: ml_collections.ConfigDict, preemption: Preemption) -> dict[str, Any
         )
     del teacher_host, built
 
-    step_cfg = make_step_config(cfg, teacher, student, pairs, optimizer)
     step_fn = jit_train_step(
         step_cfg,
         state_shardings,

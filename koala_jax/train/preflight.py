@@ -23,7 +23,14 @@ from koala_jax.dtypes import dtype
 from koala_jax.errors import ConfigError, KoalaError
 from koala_jax.models import UNetConfig
 from koala_jax.students import student_architecture
-from koala_jax.train.setup import SAME_AS_TEACHER, forward_options, on_the_fly_config
+from koala_jax.train.progressive import OBJECTIVES, PROGRESSIVE
+from koala_jax.train.setup import (
+    SAME_AS_TEACHER,
+    forward_options,
+    noise_schedule,
+    on_the_fly_config,
+    progressive_round,
+)
 from koala_jax.train.sharding import mesh_shape
 from koala_jax.weights import source_config
 from koala_jax.weights.export import check_pipeline
@@ -100,6 +107,7 @@ def check_settings(cfg: ml_collections.ConfigDict, problems: Problems) -> None:
         problems.add(f"loss weights {weights}: none may be negative and one must be positive")
     with problems.collect(ValueError):  # ForwardOptions: dtypes, remat, attention, feature kinds
         forward_options(cfg)
+    check_objective(cfg, problems)
     with problems.collect():
         dtype(cfg.teacher.param_dtype)
     if cfg.eval.prompts and not is_pipeline_dir(cfg.eval.pipeline or cfg.teacher.source):
@@ -107,6 +115,24 @@ def check_settings(cfg: ml_collections.ConfigDict, problems: Problems) -> None:
             f"eval.prompts needs a pipeline folder for the VAE and text encoders: eval.pipeline (default "
             f"teacher.source) {cfg.eval.pipeline or cfg.teacher.source!r} is not one"
         )
+
+
+def check_objective(cfg: ml_collections.ConfigDict, problems: Problems) -> None:
+    """`objective` is known; progressive distillation has one loss (the two-step teacher's epsilon: no output or
+    feature KD term), its own timesteps, and a round that fits the schedule (`ProgressiveDistillation`)."""
+    if cfg.objective not in OBJECTIVES:
+        problems.add(f"objective {cfg.objective!r}: choose from {', '.join(OBJECTIVES)}")
+    if cfg.objective != PROGRESSIVE:
+        return
+    if cfg.kd.out or cfg.kd.feat:
+        problems.add(
+            f"objective 'progressive' regresses the two-step teacher only: set kd.out=0 and kd.feat=0 (given "
+            f"{cfg.kd.out} and {cfg.kd.feat})"
+        )
+    if cfg.noise.timesteps:
+        problems.add("objective 'progressive' trains on its own steps (progressive.steps): unset noise.timesteps")
+    with problems.collect(ValueError):  # NoiseSchedule: the prediction type
+        progressive_round(cfg, noise_schedule(cfg.noise))
 
 
 def check_devices(cfg: ml_collections.ConfigDict, problems: Problems) -> None:

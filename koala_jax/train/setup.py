@@ -17,6 +17,8 @@ from koala_jax.models import ForwardOptions, UNet2DConditionModel, UNetConfig, a
 from koala_jax.students import Student, build_student
 from koala_jax.train.losses import LossWeights, feature_pairs
 from koala_jax.train.noise import NoiseSchedule
+from koala_jax.train.preview import euler_schedule
+from koala_jax.train.progressive import PROGRESSIVE, ProgressiveDistillation
 from koala_jax.train.sharding import reading_sharding
 from koala_jax.train.state import make_optimizer
 from koala_jax.train.step import StepConfig
@@ -106,6 +108,21 @@ def train_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformat
     return make_optimizer(ml_collections.ConfigDict({**cfg.optim.to_dict(), "total_steps": cfg.total_steps}))
 
 
+def noise_schedule(n: ml_collections.ConfigDict) -> NoiseSchedule:
+    """The training noise schedule of `noise.*`."""
+    return NoiseSchedule(
+        n.num_train_timesteps, n.beta_start, n.beta_end, n.prediction_type, tuple(n.timesteps) if n.timesteps else None
+    )
+
+
+def progressive_round(cfg: ml_collections.ConfigDict, schedule: NoiseSchedule) -> ProgressiveDistillation | None:
+    """The progressive distillation round of `objective='progressive'` (None for KOALA's objective): Euler on the
+    training schedule with trailing spacing, as the step-distilled model is sampled."""
+    if cfg.objective != PROGRESSIVE:
+        return None
+    return ProgressiveDistillation(euler_schedule(schedule), cfg.progressive.steps, cfg.progressive.guidance)
+
+
 def make_step_config(
     cfg: ml_collections.ConfigDict,
     teacher: UNet2DConditionModel,
@@ -113,19 +130,15 @@ def make_step_config(
     pairs: dict[str, str],
     optimizer: optax.GradientTransformation,
 ) -> StepConfig:
-    """The training step's settings: loss weights, noise schedule, EMA, caption dropout, accumulation. The loop
-    runs it and the planner (plan.py) compiles the same."""
-    n = cfg.noise
+    """The training step's settings: loss weights, noise schedule, EMA, caption dropout, accumulation, and the
+    progressive distillation round of `objective='progressive'`. The loop runs it and the planner (plan.py) compiles
+    the same."""
+    schedule = noise_schedule(cfg.noise)
     return StepConfig(
         student=student,
         teacher=teacher,
-        schedule=NoiseSchedule(
-            n.num_train_timesteps,
-            n.beta_start,
-            n.beta_end,
-            n.prediction_type,
-            tuple(n.timesteps) if n.timesteps else None,
-        ),
+        schedule=schedule,
+        progressive=progressive_round(cfg, schedule),
         weights=LossWeights(cfg.kd.task, cfg.kd.out, cfg.kd.feat),
         pairs=pairs,
         optimizer=optimizer,

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 import sys
@@ -61,4 +62,11 @@ def quiet_closed_loop_noise() -> None:
     if not _installed:
         sys.unraisablehook = functools.partial(_drop_noise, forward=sys.unraisablehook)
         warnings.filterwarnings("ignore", r"coroutine 'async_serialize\w*\.<locals>", RuntimeWarning)
+        logging.getLogger("absl").addFilter(_not_a_partial_restore_notice)
         _installed = True
+
+
+def _not_a_partial_restore_notice(record: logging.LogRecord) -> bool:
+    """Drop orbax's warning for each checkpoint item a partial restore leaves out on purpose (the data iterator
+    when only the params are read): it is printed per restore and tells the user nothing."""
+    return "was found in the checkpoint, but could not be restored" not in record.getMessage()
