@@ -138,7 +138,7 @@ def run_config(args, setting: Setting, seed: int, data_dirs: dict[str, str]) -> 
 def prepare_data(args, styles: set[str]) -> dict[str, str]:
     """One encoded dataset per caption style, shared by every run (the teacher's JAX encoders)."""
     base = load_base_config()
-    records = int(base.data.source.split(":")[1]) if not args.quick else 512
+    records = int(base.data.source.split(":")[1]) if not args.quick else 128
     dirs = {}
     for style in sorted(styles):
         data = ml_collections.ConfigDict(base.data.to_dict())
