@@ -34,6 +34,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from koala_jax.dtypes import dtype
+from koala_jax.evaluation.report import write_json
 from koala_jax.models import abstract_params
 from koala_jax.students.presets import preset
 from koala_jax.weights.diffusers_dir import CONFIG_NAME, WEIGHTS_NAME
@@ -174,7 +175,7 @@ def main() -> None:
         "results": rows,
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.output, result)
     print(f"wrote {args.output}")
 
 

@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from koala_jax.evaluation.report import write_json
+
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_teacher_load.json"
 MiB = 2**20
 
@@ -200,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(args.out.read_text()) if args.out.exists() else {"results": []}
     previous["results"] = [r for r in previous["results"] if r["label"] != args.label] + [result]
-    args.out.write_text(json.dumps(previous, indent=1))
+    write_json(args.out, previous)
 
 
 if __name__ == "__main__":

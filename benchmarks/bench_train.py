@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import datetime
 import gc
-import json
 import os
 import platform
 import sys
@@ -40,6 +39,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from koala_jax.evaluation.report import write_json
 from koala_jax.models import UNet2DConditionModel, UNetConfig, param_count, random_params
 from koala_jax.models.common import ATTENTION_IMPLS
 from koala_jax.students.presets import STUDENT_VARIANTS, derive_student_config, preset
@@ -379,7 +379,7 @@ def device_description(torch_device: str | None) -> str:
     return f"{text}; {os.cpu_count()} CPUs"
 
 
-def write_json(path: str, args: argparse.Namespace, rows: list[dict], peak: float, device: str) -> None:
+def write_results(path: str, args: argparse.Namespace, rows: list[dict], peak: float, device: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     result = {
         "date": datetime.date.today().isoformat(),
@@ -389,8 +389,7 @@ def write_json(path: str, args: argparse.Namespace, rows: list[dict], peak: floa
         "args": vars(args),
         "results": rows,
     }
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(path, result)
     print(f"wrote {path}")
 
 
@@ -479,7 +478,7 @@ def main(argv: list[str] | None = None) -> None:
         gc.collect()
     device = device_description(None if args.skip_torch else args.device)
     print_table(rows, peak, device)
-    write_json(args.out, args, rows, peak, device)
+    write_results(args.out, args, rows, peak, device)
 
 
 if __name__ == "__main__":

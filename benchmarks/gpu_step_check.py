@@ -37,6 +37,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # before jax st
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from koala_jax.evaluation.report import write_json  # noqa: E402
 from koala_jax.train.config import base_config  # noqa: E402
 from koala_jax.train.plan import GIB, compile_layout, describe, remat_name  # noqa: E402
 from koala_jax.train.setup import train_optimizer  # noqa: E402
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"measured peak {peak / GIB:.2f} GiB ({result['peak_over_gpu_plan']:.2f} x the GPU plan)")
     print(f"step times (s): {', '.join(f'{t:.2f}' for t in times)}; loss {result['loss']:.4f}")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_step_check.json").write_text(json.dumps(result, indent=1))
+    write_json(args.out / "gpu_step_check.json", result)
 
 
 if __name__ == "__main__":

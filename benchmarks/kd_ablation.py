@@ -40,8 +40,7 @@ from typing import Any
 
 import ml_collections
 
-from koala_jax.evaluation import world_eval
-from koala_jax.evaluation.generators import load_generator
+from koala_jax.evaluation.generators import evaluate_beside_teacher
 from koala_jax.evaluation.report import markdown_table, write_json
 from koala_jax.pipelines.sampling import Settings
 from koala_jax.students import derive_student_config
@@ -168,13 +167,11 @@ def evaluate_group(args, teacher: str, runs: list[tuple[Setting, int, str]]) -> 
     sampling = {"steps": args.eval_steps, "guidance": 5.0, "scheduler": "euler", **setting.sampling}
     size = default_image_size(teacher)
     settings_ = Settings(sampling["steps"], sampling["guidance"], sampling["scheduler"], size, size)
-    generators = {"teacher": load_generator("jax", teacher, None, settings_, batch_size=32)}
-    for _, _, workdir in runs:
-        generators[workdir] = load_generator("jax", teacher, workdir, settings_, ema=True, batch_size=32)
-    result = world_eval.evaluate_world(
-        generators, world_eval.prompt_set(setting.prompts), args.eval_seeds, reference="teacher"
+    students = {workdir: workdir for _, _, workdir in runs}
+    result = evaluate_beside_teacher(
+        teacher, None, students, settings_, setting.prompts, args.eval_seeds, batch_size=32
     )
-    metrics = {name: {**result.accuracy[name], **result.agreement.get(name, {})} for name in generators}
+    metrics = {name: {**result.accuracy[name], **result.agreement.get(name, {})} for name in result.generated}
     return {"teacher": {**metrics.pop("teacher"), **sampling, "prompts": setting.prompts}, **metrics}
 
 

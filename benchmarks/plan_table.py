@@ -32,6 +32,8 @@ import platform
 import time
 from pathlib import Path
 
+from koala_jax.evaluation.report import write_json
+
 RESULTS = Path(__file__).resolve().parent / "results" / "plan_table.json"
 GB = 10**9
 HEADROOM = 0.9  # the share of an accelerator's HBM that a step may plan for
@@ -87,12 +89,6 @@ def load(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def save(path: Path, results: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(path)
-
-
 def run_setup(name: str, setup: Setup, budgets_gb: list[int], args: argparse.Namespace, results: dict) -> None:
     """Search (verified setups) or predict every budget of one setup with one planner, saving after each
     compile and reusing the compiles a previous run saved."""
@@ -114,7 +110,7 @@ def run_setup(name: str, setup: Setup, budgets_gb: list[int], args: argparse.Nam
     def log(line: str) -> None:
         print(line, flush=True)
         tried[:] = [m.row() for m in planner.tried]
-        save(args.out, results)
+        write_json(args.out, results)
 
     planner = Planner(describe(cfg), jax.devices()[: args.devices], log)
     for row in saved:  # a previous run's compiles
@@ -142,11 +138,11 @@ def run_setup(name: str, setup: Setup, budgets_gb: list[int], args: argparse.Nam
             start = time.perf_counter()
             found = search(planner, budget, fsdp_degrees=(n,), ladder=(SAVING,))
             entry["searches"][str(gb)] = {**found.json(), "seconds": round(time.perf_counter() - start)}
-        save(args.out, results)
+        write_json(args.out, results)
     at_80 = entry["searches"].get("80", {}).get("choice")
     if at_80:  # what train.py's default remat needs at that batch
         planner.measure(n, DEFAULT_REMAT, at_80["batch_per_device"])
-        save(args.out, results)
+        write_json(args.out, results)
 
 
 def gib(n: int | None) -> str:

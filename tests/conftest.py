@@ -29,6 +29,9 @@ from koala_jax.cli import convert  # noqa: E402
 from koala_jax.pipelines.tiny import save_tiny_sdxl_components  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# Prepended to `python -c` code: torch and diffusers cannot be imported (as in a venv without them; transformers
+# then finds no torch either), so a command that still runs never needed them.
+WITHOUT_TORCH = "import sys; sys.modules.update(torch=None, diffusers=None); "
 
 
 # SDXL layout in miniature: linear projections, per-block head counts, mid block, 3 stages.

@@ -31,7 +31,7 @@ from koala_jax.pipelines.vae import decode_latents
 from koala_jax.weights import pipeline_dir
 from koala_jax.weights.safetensors import load_file, save_file
 
-from tests.conftest import MICRO, ROOT, build_teacher_pipeline, randomize_, rel_err
+from tests.conftest import MICRO, ROOT, WITHOUT_TORCH, build_teacher_pipeline, randomize_, rel_err
 
 # A U-Net for the tiny pipeline's encoders that compiles in seconds (the pipeline's own is deeper).
 MICRO_FOR_TINY = {
@@ -262,11 +262,10 @@ def test_commands_run_without_torch_on_two_devices(folders, tmp_path):
         "sample": sample_argv,
     }
     env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"}
-    blocked = "import sys; sys.modules.update(torch=None, diffusers=None); "
     for command, argv in commands.items():
         out = ["--out", tmp_path / "jax"] if command == "sample" else ["--output-dir", tmp_path / "jax_data"]
         argv = [str(a) for a in [*argv, *out, "--backend", "jax"]]
-        code = f"{blocked}from koala_jax.cli import {command}; sys.exit({command}.main({argv!r}))"
+        code = f"{WITHOUT_TORCH}from koala_jax.cli import {command}; sys.exit({command}.main({argv!r}))"
         done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-3000:]
     assert "on cpu (jax)" in done.stdout

@@ -22,19 +22,16 @@ score with a local CLIP folder), --fid-reference DIR (FID against a folder of re
 from __future__ import annotations
 
 import argparse
-import dataclasses
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from koala_jax.cli.runner import make_parser, run
 from koala_jax.data import world
 from koala_jax.errors import ConfigError, MissingPathError
 from koala_jax.evaluation import world_eval
-from koala_jax.evaluation.agreement import agreement
 from koala_jax.evaluation.generators import BACKENDS, load_generator
 from koala_jax.evaluation.real_metrics import CLIP_REPO, RealMetricInputs, score_models
-from koala_jax.evaluation.report import markdown_table, side_by_side, write_json
-from koala_jax.evaluation.world_eval import Generated, Generator
+from koala_jax.evaluation.report import markdown_table
+from koala_jax.evaluation.text_eval import evaluate_texts
 from koala_jax.pipelines.sampling import Settings
 from koala_jax.weights.pipeline_dir import default_image_size, is_pipeline_dir
 from koala_jax.weights.training_run import is_training_dir
@@ -133,61 +130,6 @@ def real_metric_inputs(args: argparse.Namespace) -> RealMetricInputs:
     return inputs
 
 
-@dataclasses.dataclass
-class Report:
-    """What evaluate.py writes, for world prompt sets and prompt files alike: one row and one report.json entry
-    per model, the (prompt, seed) items, and the images for the grid."""
-
-    reference: str | None
-    items: list[dict[str, object]]
-    generated: dict[str, Generated]
-    models: dict[str, dict[str, object]]
-    columns: tuple[str, ...]
-
-    @classmethod
-    def of_world(cls, result: world_eval.WorldEvaluation) -> Report:
-        data = result.to_json()
-        return cls(result.reference, data["items"], result.generated, data["models"], world_eval.COLUMNS)
-
-    def labels(self) -> list[str]:
-        return [f"{item['prompt']} (seed {item['seed']})" for item in self.items]
-
-    def rows(self) -> list[dict[str, object]]:
-        return [
-            {"model": m, **entry.get("accuracy", {}), **entry["agreement"], **entry.get("metrics", {})}
-            for m, entry in self.models.items()
-        ]
-
-    def add_metrics(self, scores: Mapping[str, Mapping[str, dict]], names: Sequence[str]) -> None:
-        """Real-model metrics: their keys in each model's report.json entry, their columns in the table."""
-        for model, entry in scores.items():
-            self.models[model].update(entry)
-        self.columns = (*self.columns, *names)
-
-    def write(self, out: Path, settings: Mapping[str, object]) -> None:
-        """report.json (settings, metrics per model, items), report.md (the table), grid.png (models side by side)."""
-        out.mkdir(parents=True, exist_ok=True)
-        data = {"settings": dict(settings), "reference": self.reference, "items": self.items, "models": self.models}
-        write_json(out / "report.json", data)
-        (out / "report.md").write_text(markdown_table(self.rows(), self.columns) + "\n")
-        side_by_side({m: g.images for m, g in self.generated.items()}, self.labels()).save(out / "grid.png")
-
-
-def evaluate_texts(generators: Mapping[str, Generator], texts: Sequence[str], seeds: Sequence[int]) -> Report:
-    """Every (prompt, seed) with every model, and each model's agreement with the first (the reference); no
-    world accuracy, as these prompts have no attributes to check."""
-    items = [{"prompt": t, "seed": s} for t in texts for s in seeds]
-    prompts, item_seeds = [i["prompt"] for i in items], [i["seed"] for i in items]
-    generated = {name: generate(prompts, item_seeds) for name, generate in generators.items()}
-    reference = next(iter(generated))
-    ref = generated[reference]
-    models = {
-        name: {"agreement": {} if name == reference else agreement(g.images, ref.images, g.latents, ref.latents)}
-        for name, g in generated.items()
-    }
-    return Report(reference, items, generated, models, ("model", "psnr_db", "image_mse", "latent_mse"))
-
-
 def evaluate(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.steps < 1 or args.batch_size < 1 or (args.size is not None and args.size < 1):
@@ -216,12 +158,10 @@ def evaluate(argv: list[str]) -> int:
     if world_prompts is None:
         report = evaluate_texts(generators, texts, seeds)
     else:
-        result = world_eval.evaluate_world(generators, world_prompts, seeds, reference=next(iter(models)))
-        report = Report.of_world(result)
+        report = world_eval.evaluate_world(generators, world_prompts, seeds, reference=next(iter(models))).report()
     if metrics.names():
         item_prompts = [item["prompt"] for item in report.items]
-        images = {m: g.images for m, g in report.generated.items()}
-        report.add_metrics(score_models(images, item_prompts, metrics, args.batch_size), metrics.names())
+        report.add_metrics(score_models(report.images, item_prompts, metrics, args.batch_size), metrics.names())
     report.write(Path(args.out), {**vars(args), "size": size})
     print(markdown_table(report.rows(), report.columns))
     print(f"wrote report.json, report.md and grid.png to {Path(args.out).absolute()}")

@@ -127,8 +127,7 @@ def train_command(argv: list[str]) -> int:
 def evaluate_run(cfg):
     """The run's student (EMA if kept) beside its teacher on `cfg.eval`'s prompts and seeds, written to
     <workdir>/eval/ (report.json, report.md, grid.png); a `world_eval.WorldEvaluation`."""
-    from koala_jax.evaluation import world_eval  # Heavy: only for runs that evaluate.
-    from koala_jax.evaluation.generators import load_generator
+    from koala_jax.evaluation.generators import evaluate_beside_teacher  # Heavy: only for runs that evaluate.
     from koala_jax.pipelines.sampling import Settings
     from koala_jax.weights.pipeline_dir import default_image_size, is_pipeline_dir
 
@@ -141,16 +140,12 @@ def evaluate_run(cfg):
     size = default_image_size(pipeline)
     settings = Settings(cfg.eval.steps, cfg.eval.guidance, cfg.eval.scheduler, size, size)
     teacher_unet = None if os.path.samefile(pipeline, cfg.teacher.source) else cfg.teacher.source
-    generators = {
-        "teacher": load_generator("jax", pipeline, teacher_unet, settings, batch_size=cfg.eval.batch_size),
-        "student": load_generator(
-            "jax", pipeline, cfg.workdir, settings, ema=cfg.ema_decay is not None, batch_size=cfg.eval.batch_size
-        ),
-    }
-    result = world_eval.evaluate_world(
-        generators, world_eval.prompt_set(cfg.eval.prompts), list(cfg.eval.seeds), reference="teacher"
+    students = {"student": cfg.workdir}
+    ema = cfg.ema_decay is not None
+    result = evaluate_beside_teacher(
+        pipeline, teacher_unet, students, settings, cfg.eval.prompts, list(cfg.eval.seeds), ema, cfg.eval.batch_size
     )
-    world_eval.write_report(result, Path(cfg.workdir) / "eval", {**cfg.eval.to_dict(), "size": size})
+    result.report().write(Path(cfg.workdir) / "eval", {**cfg.eval.to_dict(), "size": size})
     return result
 
 

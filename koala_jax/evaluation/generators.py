@@ -4,10 +4,11 @@ StableDiffusionXLPipeline, each drawing image i from `initial_noise(seed_i)`, in
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from koala_jax.evaluation import world_eval
 from koala_jax.evaluation.world_eval import Generated, Generator
 from koala_jax.pipelines.sampling import Settings
 
@@ -50,3 +51,22 @@ def load_generator(
     pipe = sampling.load_pipeline(str(pipeline), None if unet is None else str(unet), dtype, device)
     pipe.scheduler = sampling.make_scheduler(settings.scheduler, pipe.scheduler.config)
     return batched(lambda prompts, seeds: sampling.generate_batch(pipe, prompts, seeds, settings), batch_size)
+
+
+def evaluate_beside_teacher(
+    pipeline: str | os.PathLike,
+    teacher_unet: str | os.PathLike | None,
+    students: Mapping[str, str | os.PathLike],
+    settings: Settings,
+    prompts: str,
+    seeds: Sequence[int],
+    ema: bool = True,
+    batch_size: int = 16,
+) -> world_eval.WorldEvaluation:
+    """The teacher (the pipeline's own U-Net, or `teacher_unet`) and each student ({name: train.py run}), all
+    sampled with `settings` from the same noise on the world prompt set `prompts`, compared with the teacher:
+    what train.py's end-of-run evaluation and benchmarks/kd_ablation.py measure."""
+    generators = {"teacher": load_generator("jax", pipeline, teacher_unet, settings, batch_size=batch_size)}
+    for name, run in students.items():
+        generators[name] = load_generator("jax", pipeline, run, settings, ema=ema, batch_size=batch_size)
+    return world_eval.evaluate_world(generators, world_eval.prompt_set(prompts), seeds, reference="teacher")

@@ -1,8 +1,10 @@
 """What an evaluation writes: a table (markdown, for people), JSON (for scripts), and an image grid where
-the models stand side by side, one column per model, one row per (prompt, seed)."""
+the models stand side by side, one column per model, one row per (prompt, seed); `Report` holds all three for
+world prompt sets and prompt files alike."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -54,3 +56,38 @@ def write_json(path: str | os.PathLike, data: object) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=float) + "\n")
     tmp.replace(path)
+
+
+@dataclasses.dataclass
+class Report:
+    """One evaluation: one table row and one report.json entry per model ({"accuracy": ..., "agreement": ...,
+    "metrics": ...}), the (prompt, seed) items, and each model's images (one per item) for the grid."""
+
+    reference: str | None
+    items: list[dict[str, object]]
+    images: dict[str, list[np.ndarray]]
+    models: dict[str, dict[str, object]]
+    columns: tuple[str, ...]
+
+    def labels(self) -> list[str]:
+        return [f"{item['prompt']} (seed {item['seed']})" for item in self.items]
+
+    def rows(self) -> list[dict[str, object]]:
+        return [
+            {"model": m, **entry.get("accuracy", {}), **entry.get("agreement", {}), **entry.get("metrics", {})}
+            for m, entry in self.models.items()
+        ]
+
+    def add_metrics(self, scores: Mapping[str, Mapping[str, dict]], names: Sequence[str]) -> None:
+        """Real-model metrics: their keys in each model's report.json entry, their columns in the table."""
+        for model, entry in scores.items():
+            self.models[model].update(entry)
+        self.columns = (*self.columns, *names)
+
+    def write(self, out: Path, settings: Mapping[str, object]) -> None:
+        """report.json (settings, metrics per model, items), report.md (the table), grid.png (models side by side)."""
+        out.mkdir(parents=True, exist_ok=True)
+        data = {"settings": dict(settings), "reference": self.reference, "items": self.items, "models": self.models}
+        write_json(out / "report.json", data)
+        (out / "report.md").write_text(markdown_table(self.rows(), self.columns) + "\n")
+        side_by_side(self.images, self.labels()).save(out / "grid.png")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -18,7 +17,7 @@ from koala_jax.data import world
 from koala_jax.errors import ConfigError
 from koala_jax.evaluation import detector
 from koala_jax.evaluation.agreement import agreement
-from koala_jax.evaluation.report import markdown_table, side_by_side, write_json
+from koala_jax.evaluation.report import Report
 
 
 @dataclasses.dataclass
@@ -61,22 +60,12 @@ class WorldEvaluation:
     agreement: dict[str, dict[str, float]]
     reference: str | None
 
-    def labels(self) -> list[str]:
-        return [f"{p.text} (seed {s})" for p in self.prompts for s in self.seeds]
-
-    def rows(self) -> list[dict[str, object]]:
-        """One table row per model: accuracy per attribute, then agreement with the reference."""
-        return [{"model": m, **self.accuracy[m], **self.agreement.get(m, {})} for m in self.generated]
-
-    def to_json(self) -> dict:
+    def report(self) -> Report:
+        """The evaluation as evaluate.py and train.py write it (report.json, report.md, grid.png)."""
         items = [{"prompt": p.text, "seed": s} for p in self.prompts for s in self.seeds]
-        return {
-            "reference": self.reference,
-            "items": items,
-            "models": {
-                m: {"accuracy": self.accuracy[m], "agreement": self.agreement.get(m, {})} for m in self.generated
-            },
-        }
+        models = {m: {"accuracy": self.accuracy[m], "agreement": self.agreement.get(m, {})} for m in self.generated}
+        images = {m: g.images for m, g in self.generated.items()}
+        return Report(self.reference, items, images, models, COLUMNS)
 
 
 def evaluate_world(
@@ -101,11 +90,3 @@ def evaluate_world(
             if name != reference:
                 compared[name] = agreement(g.images, ref.images, g.latents, ref.latents)
     return WorldEvaluation(list(prompts), list(seeds), generated, accuracy, compared, reference)
-
-
-def write_report(result: WorldEvaluation, out: Path, settings: Mapping[str, object]) -> None:
-    """report.json (settings, metrics per model, items), report.md (the table) and grid.png (models side by side)."""
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "report.json", {"settings": dict(settings), **result.to_json()})
-    (out / "report.md").write_text(markdown_table(result.rows(), COLUMNS) + "\n")
-    side_by_side({m: g.images for m, g in result.generated.items()}, result.labels()).save(out / "grid.png")
