@@ -14,13 +14,16 @@ decoder stages and to the first / last block of each transformer stack; lambda_f
 short vs rich training captions (evaluated on rich prompts, as is `sa-mixed`, the same student on the default
 mixed captions); and a step-distilled teacher (configs/tiny_world_lightning.py) against the original, both
 students sampled in 4 trailing Euler steps without guidance (settings `sa-4step` and `sa-lightning`; the latter
-needs assets/tiny_world/lightning_4step and is skipped, with a message, without it).
+needs assets/tiny_world/lightning_4step and is skipped, with a message, without it), and `sa-lightning-grid`, the
+same with training timesteps restricted to the 4 the step-distilled teacher was trained on (which timesteps
+KOALA trained on against its step-distilled teachers is not known: docs/paper.md).
 
 Data are encoded once per caption style into <work>/data/ and shared by every run. Each run's workdir is
-<work>/runs/<setting>-s<seed> (--work, default runs/kd_ablation); a rerun skips finished runs (delete the
-folder to redo one). Writes <out>/kd_ablation.json (one entry per (setting, seed): `setting`, `seed`, the final
-training losses and every metric evaluate.py reports) and kd_ablation.md (mean +- standard deviation per
-setting); the default --out is benchmarks/results/.
+<work>/runs/<setting>-s<seed> (--work, default runs/kd_ablation); settings that only evaluate differently
+(`sa-mixed`, `sa-4step`) evaluate the `sa` runs; a rerun skips finished runs (delete the folder to redo one).
+Writes <out>/kd_ablation.json (one entry per (setting, seed): `setting`, `seed`, the final training losses and
+every metric evaluate.py reports) and kd_ablation.md (mean +- standard deviation per setting); the default --out
+is benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -42,6 +46,7 @@ import ml_collections
 
 from koala_jax.evaluation.generators import evaluate_beside_teacher
 from koala_jax.evaluation.report import markdown_table, write_json
+from koala_jax.pipelines.euler import EulerSchedule
 from koala_jax.pipelines.sampling import Settings
 from koala_jax.students import derive_student_config
 from koala_jax.train.setup import prepare_on_the_fly
@@ -52,6 +57,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = ROOT / "configs" / "tiny.py"
 LIGHTNING_TEACHER = "assets/tiny_world/lightning_4step"
 FEW_STEPS = {"steps": 4, "guidance": 1.0, "scheduler": "euler-trailing"}
+# The timesteps of 4 trailing Euler steps (999, 749, 499, 249): the only ones the step-distilled teacher learnt.
+FEW_STEP_GRID = tuple(int(t) for t in EulerSchedule(timestep_spacing="trailing").timesteps(FEW_STEPS["steps"]))
 QUICK = ("none", "sa", "lf")
 METRICS = ("all", "colour_shape", "psnr_db", "latent_mse", "task", "feat_kd")
 
@@ -64,6 +71,11 @@ class Setting:
     overrides: dict[str, Any]
     prompts: str = "world-single"
     sampling: dict[str, Any] = dataclasses.field(default_factory=dict)  # eval.steps / guidance / scheduler
+    trained_as: str | None = None  # the setting whose runs this one evaluates (same training, other evaluation)
+
+    @property
+    def runs(self) -> str:
+        return self.trained_as or self.name
 
 
 def last_block_regex(teacher_source: str, variant: str) -> str:
@@ -73,7 +85,7 @@ def last_block_regex(teacher_source: str, variant: str) -> str:
     stacks = [(f"down_blocks.{i}", student.down_depths(i)) for i in range(len(student.down_block_types))]
     stacks += [(f"up_blocks.{i}", student.up_depths(i)) for i in range(len(student.up_block_types))]
     alternatives = [
-        rf"{block}\.attentions\.{j}\.transformer_blocks\.{depth - 1}\."
+        rf"{re.escape(block)}\.attentions\.{j}\.transformer_blocks\.{depth - 1}\."
         for block, depths in stacks
         for j, depth in enumerate(depths)
         if depth
@@ -97,11 +109,16 @@ def settings(teacher: str, variant: str) -> list[Setting]:
         Setting("sa-last", {**sa, "kd.feature_regex": last_block_regex(teacher, variant)}),
         Setting("sa-w0.1", {**sa, "kd.feat": 0.1}),
         Setting("sa-w10", {**sa, "kd.feat": 10.0}),
-        Setting("sa-mixed", sa, prompts="world-rich"),
+        Setting("sa-mixed", sa, prompts="world-rich", trained_as="sa"),
         Setting("sa-short", {**sa, "data.source": "short"}, prompts="world-rich"),
         Setting("sa-rich", {**sa, "data.source": "rich"}, prompts="world-rich"),
-        Setting("sa-4step", sa, sampling=FEW_STEPS),
+        Setting("sa-4step", sa, sampling=FEW_STEPS, trained_as="sa"),
         Setting("sa-lightning", {**sa, "teacher.source": LIGHTNING_TEACHER}, sampling=FEW_STEPS),
+        Setting(
+            "sa-lightning-grid",
+            {**sa, "teacher.source": LIGHTNING_TEACHER, "noise.timesteps": FEW_STEP_GRID},
+            sampling=FEW_STEPS,
+        ),
     ]
 
 
@@ -124,7 +141,7 @@ def run_config(args, setting: Setting, seed: int, data_dirs: dict[str, str]) -> 
     for key, value in overrides.items():
         group, _, name = key.rpartition(".")
         (cfg[group] if group else cfg)[name] = value
-    cfg.workdir = str(Path(args.work) / "runs" / f"{setting.name}-s{seed}")
+    cfg.workdir = str(Path(args.work) / "runs" / f"{setting.runs}-s{seed}")
     cfg.seed = seed
     cfg.total_steps = args.steps
     cfg.log_every = max(1, args.steps // 4)
