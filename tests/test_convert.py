@@ -150,6 +150,20 @@ def test_koala_1b_student_keeps_the_mid_block(teacher):
     assert_student_from_teacher(params, teacher_params, mapping)
 
 
+def test_a_half_precision_teacher_gives_a_float32_student():
+    """The student's parameters are master weights: float32 from an fp16 teacher (an fp16 export used as the
+    teacher made an fp16 student whose first optimizer step came back float32, and the compiled step refused it)."""
+    teacher_cfg = UNetConfig.from_diffusers(MICRO)
+    teacher_params = jax.tree.map(
+        lambda a: a.astype(np.float16), torch_to_flax(numpy_state(randomize_(TorchUNet(**MICRO), seed=3)))
+    )
+    student = build_student(teacher_cfg, teacher_params, "koala-700m")
+    dtypes = {np.asarray(a).dtype for a in jax.tree.leaves(student.params)}
+    assert dtypes == {np.dtype(np.float32)}, dtypes
+    assert not student.fresh
+    assert_student_from_teacher(student.params, teacher_params, student.mapping)
+
+
 def test_parameters_without_a_teacher_source_start_fresh():
     """A student whose cross-attention width differs from the teacher's: exactly the key/value projections
     of attn2 (what the mapping predicts) get random values, everything else still comes from the teacher."""

@@ -100,7 +100,9 @@ def build_student(
     """A student of the teacher: `student` is a KOALA variant name (derived from the teacher by
     `derive_student_config`), a spec (see `students.spec`) or an explicit architecture. Each parameter is
     copied from its teacher source when one of the same shape exists (`init='teacher'`), otherwise drawn
-    by `random_leaf` (all of them with `init='random'`)."""
+    by `random_leaf` (all of them with `init='random'`). Parameters are float32 whatever the teacher's dtype:
+    they are the student's master weights (an fp16 teacher, e.g. a step-distilled export, must not make an
+    fp16 student that the optimizer then updates in float32)."""
     if init not in STUDENT_INITS:
         raise ConfigError(f"student init {init!r}: choose from {', '.join(STUDENT_INITS)}")
     config, selection = student_architecture(teacher_config, student)
@@ -112,7 +114,7 @@ def build_student(
         source = teacher_path_for(key, teacher_config, config, selection)
         value = teacher_flat.get(source) if init == "teacher" else None
         if value is not None and tuple(np.shape(value)) == tuple(leaf.shape):
-            params[path], mapping[key] = value, source
+            params[path], mapping[key] = np.asarray(value, leaf.dtype), source
         else:
             params[path] = random_leaf(path[-1], leaf.shape, leaf.dtype, rng)
             fresh.append(key)
