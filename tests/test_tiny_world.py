@@ -47,9 +47,9 @@ def test_world_cli_renders_scenes_with_captions(tmp_path, capsys):
 
 def test_shipped_teachers_are_small_and_self_describing():
     """Both shipped pipelines (the teacher, its 4-step distillation) in under 30 MiB; each says how it samples."""
-    files = [p for p in (ROOT / "assets").rglob("*") if p.is_file()]
+    files = [p for folder in (TEACHER, LIGHTNING) for p in folder.rglob("*") if p.is_file()]
     size = sum(p.stat().st_size for p in files)
-    print(f"assets/: {len(files)} files, {size / 2**20:.1f} MiB")
+    print(f"shipped pipelines: {len(files)} files, {size / 2**20:.1f} MiB")
     assert size < 30 * 2**20
     for folder in (TEACHER, LIGHTNING):
         unet = json.loads((folder / "unet" / "config.json").read_text())
