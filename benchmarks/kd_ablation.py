@@ -4,8 +4,8 @@ equal (steps, data, training seeds), evaluates every student beside its teacher 
 detector's attribute accuracy and the agreement with the teacher from the same noise), and writes a table with
 the mean and spread over the training seeds.
 
-    python benchmarks/kd_ablation.py                          # every setting, seeds 0,1,2 (hours on a 2-core CPU)
-    python benchmarks/kd_ablation.py --settings none,lf,sa,ca,ffn,res           # docs/kd_ablation.md
+    python benchmarks/kd_ablation.py          # every setting, seeds 0,1,2: docs/kd_ablation.md (~2 h, 2-core CPU)
+    python benchmarks/kd_ablation.py --settings none,lf,sa --seeds 0          # some settings, one seed
     python benchmarks/kd_ablation.py --quick                  # one seed of a few settings, a few minutes
 
 Settings (`SETTINGS`): feature KD none (task + output KD only), BK-SDM's last feature of each stage (lf),
