@@ -89,7 +89,8 @@ def test_shipped_teacher_draws_colour_and_shape_in_jax():
 
 def test_shipped_lightning_teacher_draws_in_four_unguided_steps():
     """diffusers' pipeline with the folder's own scheduler (trailing), 4 steps, no guidance, every colour x shape
-    once (docs/kd_ablation.md: colour+shape 1.000 over four seeds; the original teacher sampled alike 0.917)."""
+    once: the shipped folder (its trailing scheduler config included) samples as intended (docs/kd_ablation.md:
+    colour+shape 0.978 over ten seeds; on one seed the original teacher sampled alike can do as well)."""
     pipe = StableDiffusionXLPipeline.from_pretrained(LIGHTNING)
     settings = Settings(steps=4, guidance=1.0, scheduler="euler", height=64, width=64)
     prompts = world.single_object_prompts()
