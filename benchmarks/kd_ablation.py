@@ -188,7 +188,7 @@ def evaluate_group(args, teacher: str, runs: list[tuple[Setting, int, str]]) -> 
     result = evaluate_beside_teacher(
         teacher, None, students, settings_, setting.prompts, args.eval_seeds, batch_size=32
     )
-    metrics = {name: {**result.accuracy[name], **result.agreement.get(name, {})} for name in result.generated}
+    metrics = {row.pop("model"): row for row in result.report().rows()}  # accuracy and agreement per model
     return {"teacher": {**metrics.pop("teacher"), **sampling, "prompts": setting.prompts}, **metrics}
 
 

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from koala_jax.evaluation.agreement import agreement
 from koala_jax.evaluation.report import Report
-from koala_jax.evaluation.world_eval import Generator
+from koala_jax.evaluation.world_eval import Generator, agreement_with
 
 COLUMNS = ("model", "psnr_db", "image_mse", "latent_mse")
 
@@ -19,9 +18,6 @@ def evaluate_texts(generators: Mapping[str, Generator], texts: Sequence[str], se
     prompts, item_seeds = [i["prompt"] for i in items], [i["seed"] for i in items]
     generated = {name: generate(prompts, item_seeds) for name, generate in generators.items()}
     reference = next(iter(generated))
-    ref = generated[reference]
-    models = {
-        name: {"agreement": {} if name == reference else agreement(g.images, ref.images, g.latents, ref.latents)}
-        for name, g in generated.items()
-    }
+    compared = agreement_with(generated, reference)
+    models = {name: {"agreement": compared.get(name, {})} for name in generated}
     return Report(reference, items, {m: g.images for m, g in generated.items()}, models, COLUMNS)

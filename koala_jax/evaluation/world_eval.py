@@ -83,10 +83,16 @@ def evaluate_world(
     specs = [p.spec for p, _ in items]
     generated = {name: generate(texts, item_seeds) for name, generate in generators.items()}
     accuracy = {name: detector.accuracy(g.images, specs) for name, g in generated.items()}
-    compared = {}
-    if reference is not None:
-        ref = generated[reference]
-        for name, g in generated.items():
-            if name != reference:
-                compared[name] = agreement(g.images, ref.images, g.latents, ref.latents)
+    compared = {} if reference is None else agreement_with(generated, reference)
     return WorldEvaluation(list(prompts), list(seeds), generated, accuracy, compared, reference)
+
+
+def agreement_with(generated: Mapping[str, Generated], reference: str) -> dict[str, dict[str, float]]:
+    """Each other model's agreement with `reference`: its images and final latents against the reference's
+    from the same noise (world prompt sets and free prompts alike)."""
+    ref = generated[reference]
+    return {
+        name: agreement(g.images, ref.images, g.latents, ref.latents)
+        for name, g in generated.items()
+        if name != reference
+    }
