@@ -22,8 +22,8 @@ from it (student.variant 'same'), trained on 4,096 tiny-world images encoded onc
 teacher's JAX encoders; no caption dropout (the result is never sampled unconditionally).
 
 Hardware: a 2-core CPU. Each round's step runs the student once and the teacher twice (four times with guidance).
-Measured on the shipped teacher (2026-11-26, the CPU shared with other work at times): round 8, 600 steps in 13
-min (1.5-2.6 s/step); round 4, 600 steps in 11.5 min (1.1 s/step). The 4-step result ships as
+Measured on the shipped teacher (2026-11-26, the CPU shared with other work at times), wall time with data
+encoding and evaluation: round 8, 22 min (1.5-2.6 s/step); round 4, 13.5 min (1.1 s/step). The 4-step result ships as
 assets/tiny_world/lightning_4step (its scheduler config switched to trailing spacing; the 8-step intermediate is
 not shipped, see .gitignore); round 2 was not run. At 4 steps without guidance it draws colour+shape 0.978 over
 ten seeds where the original teacher sampled alike draws 0.933 (docs/kd_ablation.md);
