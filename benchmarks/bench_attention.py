@@ -19,32 +19,23 @@ arguments and outputs). Times exclude compilation and warm-up. Prints a table an
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
 import platform
 import time
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
-import optax
 
-from koala_jax.models import UNetConfig, abstract_params, random_params
 from koala_jax.models.attention_kernels import DEFAULT_BLOCK_KV, DEFAULT_BLOCK_Q, dot_product_attention
 from koala_jax.students.presets import derive_student_config, preset
 from koala_jax.train import sharding
 from koala_jax.train.config import base_config
-from koala_jax.train.losses import LossWeights
 from koala_jax.train.metrics import compiled_flops
-from koala_jax.train.noise import NoiseSchedule
-from koala_jax.train.setup import make_models, place
-from koala_jax.train.state import init_state, make_optimizer
-from koala_jax.train.step import StepConfig, jit_train_step
+from koala_jax.train.step_builder import Models, TrainStep, build_step, random_inputs, synthetic_shape
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUTPUT = os.path.join(REPO, "benchmarks", "results", "bench_attention.json")
@@ -100,50 +91,13 @@ def bench_kernel(impl: str, tq: int, tk: int, dtype: jnp.dtype, args: argparse.N
 # ---------------------------------------------------------------- train steps
 
 
-@dataclasses.dataclass(frozen=True)
-class Step:
-    """train.py's step for one config on one device, with the abstract inputs it compiles for."""
-
-    fn: Callable
-    state: Any  # abstract TrainState (ShapeDtypeStructs)
-    teacher_params: Any  # abstract, bf16
-    teacher_config: UNetConfig
-    student_config: UNetConfig
-    optimizer: optax.GradientTransformation
-    mesh: jax.sharding.Mesh
-
-
-def build_step(cfg: ml_collections.ConfigDict, teacher_name: str) -> Step:
-    """The teacher preset, its KOALA student (`cfg.student.variant`), the models, optimizer, noise and
-    loss as train.py builds them, and the jitted step with one-device shardings."""
-    teacher_config = preset(teacher_name)
-    student_config = derive_student_config(teacher_config, cfg.student.variant)
-    teacher, student, pairs = make_models(cfg, teacher_config, student_config)
+def attention_step(cfg: ml_collections.ConfigDict, teacher_name: str, batch: int, resolution: int) -> TrainStep:
+    """train.py's step (`step_builder.build_step`) for the teacher preset and its KOALA student
+    (`cfg.student.variant`) on one device, `batch` random SDXL-shaped records of `resolution` px."""
+    teacher = preset(teacher_name)
+    models = Models(teacher, derive_student_config(teacher, cfg.student.variant), {})
     mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
-    optimizer = make_optimizer(ml_collections.ConfigDict({**cfg.optim.to_dict(), "total_steps": cfg.total_steps}))
-    state = jax.eval_shape(lambda p: init_state(p, optimizer, cfg.seed, False), abstract_params(student_config))
-    teacher_params = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), abstract_params(teacher_config)
-    )
-    n = cfg.noise
-    step_cfg = StepConfig(
-        student=student,
-        teacher=teacher,
-        schedule=NoiseSchedule(n.num_train_timesteps, n.beta_start, n.beta_end, n.prediction_type),
-        weights=LossWeights(cfg.kd.task, cfg.kd.out, cfg.kd.feat),
-        pairs=pairs,
-        optimizer=optimizer,
-        ema_decay=None,
-        caption_dropout=cfg.data.caption_dropout,
-    )
-    fn = jit_train_step(
-        step_cfg,
-        sharding.tree_shardings(state, mesh),
-        sharding.tree_shardings(teacher_params, mesh),
-        sharding.batch_sharding(mesh),
-        sharding.replicated(mesh),
-    )
-    return Step(fn, state, teacher_params, teacher_config, student_config, optimizer, mesh)
+    return build_step(cfg, models, synthetic_shape(teacher, resolution), mesh, batch)
 
 
 def train_config(impl: str, variant: str, args: argparse.Namespace) -> ml_collections.ConfigDict:
@@ -155,40 +109,18 @@ def train_config(impl: str, variant: str, args: argparse.Namespace) -> ml_collec
     return c
 
 
-def random_batch(config, batch: int, latent: int, text_len: int = 77) -> tuple[dict, dict]:
-    """Host batch and null embeddings shaped like prepared SDXL records (float32)."""
-    rng = np.random.default_rng(0)
-    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-    width = config.cross_attention_dim[0]
-    data = {
-        "latents": rng.standard_normal((batch, config.in_channels, latent, latent), np.float32),
-        "prompt_embeds": rng.standard_normal((batch, text_len, width), np.float32),
-        "pooled_prompt_embeds": rng.standard_normal((batch, pooled), np.float32),
-        "time_ids": np.tile(np.array([8 * latent] * 2 + [0, 0] + [8 * latent] * 2, np.float32), (batch, 1)),
-    }
-    null = {"prompt_embeds": np.zeros((text_len, width), np.float32), "pooled_prompt_embeds": np.zeros(pooled)}
-    return data, null
-
-
-def compile_step(step: Step, *inputs) -> tuple:
-    """Lower and compile as the training loop does (under the mesh); returns (compiled, seconds)."""
+def compile_step(step: TrainStep) -> tuple:
+    """Compile as the training loop does (under the mesh); returns (compiled, seconds)."""
     start = time.perf_counter()
-    with jax.set_mesh(step.mesh):
-        compiled = step.fn.lower(*inputs).compile()
+    compiled = step.compile()
     return compiled, time.perf_counter() - start
 
 
 def bench_tiny_step(impl: str, args: argparse.Namespace) -> dict:
     cfg = train_config(impl, "koala-700m", args)
-    step = build_step(cfg, "tiny-sdxl")
-    mesh = step.mesh
-    params = place(random_params(step.student_config, 0), sharding.tree_shardings(step.state.params, mesh))
-    state = jax.jit(lambda p: init_state(p, step.optimizer, cfg.seed, False))(params)
-    teacher_host = random_params(step.teacher_config, 1)
-    teacher = place(teacher_host, sharding.tree_shardings(teacher_host, mesh), jnp.bfloat16)
-    data, null = random_batch(step.teacher_config, args.step_batch, args.step_resolution // 8)
-    batch, null = jax.device_put(data, sharding.batch_sharding(mesh)), jax.device_put(null, sharding.replicated(mesh))
-    compiled, compile_s = compile_step(step, state, teacher, batch, null)
+    step = attention_step(cfg, "tiny-sdxl", args.step_batch, args.step_resolution)
+    state, teacher, batch, null = (random_inputs(tree, seed) for seed, tree in enumerate(step.inputs))
+    compiled, compile_s = compile_step(step)
 
     def call():
         nonlocal state
@@ -207,20 +139,9 @@ def bench_tiny_step(impl: str, args: argparse.Namespace) -> dict:
 
 def compile_full_step(impl: str, args: argparse.Namespace) -> dict:
     """Compile-only: SDXL-Base (bf16) -> KOALA-700M at 1024 px, batch 1, from ShapeDtypeStructs."""
-    step = build_step(train_config(impl, "koala-700m", args), "sdxl-base")
-    mesh = step.mesh
-    placed = lambda tree, shardings: jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
-    )
-    data, null = random_batch(step.teacher_config, 1, 128)
+    step = attention_step(train_config(impl, "koala-700m", args), "sdxl-base", 1, 1024)
     log(f"full step {impl}: compiling (about a minute, ~3 GiB)")
-    compiled, compile_s = compile_step(
-        step,
-        placed(step.state, sharding.tree_shardings(step.state, mesh)),
-        placed(step.teacher_params, sharding.tree_shardings(step.teacher_params, mesh)),
-        placed(data, jax.tree.map(lambda _: sharding.batch_sharding(mesh), data)),
-        placed(null, jax.tree.map(lambda _: sharding.replicated(mesh), null)),
-    )
+    compiled, compile_s = compile_step(step)
     return {
         "case": "full step 1024px b1 (compile only)",
         "impl": impl,

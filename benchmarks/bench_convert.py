@@ -34,7 +34,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from koala_jax.dtypes import dtype
-from koala_jax.evaluation.report import write_json
+from koala_jax.files import write_json
 from koala_jax.models import abstract_params
 from koala_jax.students.presets import preset
 from koala_jax.weights.diffusers_dir import CONFIG_NAME, WEIGHTS_NAME

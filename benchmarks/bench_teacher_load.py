@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from koala_jax.evaluation.report import write_json
+from koala_jax.files import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_teacher_load.json"
 MiB = 2**20
@@ -97,7 +97,7 @@ def worker(args: argparse.Namespace) -> None:
     baseline, read_before = status_kib("VmHWM"), read_bytes()
     start = time.perf_counter()
     # As loop.train loads a fresh run: the student's params, then the teacher's cast to teacher.param_dtype.
-    _, teacher_host, built = load_models(cfg)
+    _, teacher_host, built = load_models(cfg.teacher, cfg.student, cfg.seed)
     student = place(built.params, sharding.tree_shardings(built.params, mesh), check=cfg.teacher.source)
     teacher = place(
         teacher_host,

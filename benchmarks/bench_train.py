@@ -39,18 +39,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from koala_jax.evaluation.report import write_json
-from koala_jax.models import UNet2DConditionModel, UNetConfig, param_count, random_params
+from koala_jax.files import write_json
+from koala_jax.models import UNetConfig, param_count, random_params
 from koala_jax.models.common import ATTENTION_IMPLS
 from koala_jax.students.presets import STUDENT_VARIANTS, derive_student_config, preset
 from koala_jax.train import sharding
 from koala_jax.train.config import base_config
-from koala_jax.train.losses import LossWeights
 from koala_jax.train.metrics import compiled_flops, measure_peak_flops
-from koala_jax.train.noise import NoiseSchedule
-from koala_jax.train.setup import make_models, place  # the Flax models and feature pairs as training builds them
-from koala_jax.train.state import init_state, make_optimizer
-from koala_jax.train.step import StepConfig, jit_train_step
+from koala_jax.train.setup import place
+from koala_jax.train.state import init_state
+from koala_jax.train.step_builder import SDXL_VAE_FACTOR, Models, TrainStep, build_step, synthetic_shape
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,15 +59,24 @@ Batch = dict[str, np.ndarray]
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One student variant: its training config, architectures, Flax modules and feature-KD pairs."""
+    """One student variant: its training config, architectures, and train.py's step for them on one device
+    (`step_builder.build_step`: Flax modules, feature-KD pairs, optimizer, jitted step)."""
 
     variant: str
     cfg: ml_collections.ConfigDict
-    teacher_config: UNetConfig
-    student_config: UNetConfig
-    teacher: UNet2DConditionModel
-    student: UNet2DConditionModel
-    pairs: dict[str, str]  # student attn1 path -> teacher attn1 path (diffusers module names)
+    step: TrainStep
+
+    @property
+    def teacher_config(self) -> UNetConfig:
+        return self.step.teacher.config
+
+    @property
+    def student_config(self) -> UNetConfig:
+        return self.step.student.config
+
+    @property
+    def pairs(self) -> dict[str, str]:  # student attn1 path -> teacher attn1 path (diffusers module names)
+        return self.step.pairs
 
 
 @dataclasses.dataclass
@@ -102,8 +109,9 @@ def train_config(args: argparse.Namespace, variant: str) -> ml_collections.Confi
 def make_case(args: argparse.Namespace, variant: str) -> Case:
     cfg = train_config(args, variant)
     teacher_config = preset(args.teacher)
-    student_config = derive_student_config(teacher_config, variant)
-    return Case(variant, cfg, teacher_config, student_config, *make_models(cfg, teacher_config, student_config))
+    models = Models(teacher_config, derive_student_config(teacher_config, variant), {})
+    data = synthetic_shape(teacher_config, args.resolution, args.text_len)
+    return Case(variant, cfg, build_step(cfg, models, data, one_device(), args.batch))
 
 
 def random_batch(config: UNetConfig, batch: int, latent: int, text_len: int, seed: int = 0) -> tuple[Batch, Batch]:
@@ -111,7 +119,7 @@ def random_batch(config: UNetConfig, batch: int, latent: int, text_len: int, see
     rng = np.random.default_rng(seed)
     pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
     text_dim = config.cross_attention_dim[0]
-    size = 8 * latent
+    size = SDXL_VAE_FACTOR * latent
     data = {
         "latents": rng.standard_normal((batch, config.in_channels, latent, latent), np.float32),
         "prompt_embeds": rng.standard_normal((batch, text_len, text_dim), np.float32),
@@ -166,46 +174,25 @@ def jax_peak_memory() -> int | None:
 def bench_jax(case: Case, teacher_params: dict, data: Batch, null: Batch, warmup: int, steps: int) -> Timing:
     """train.py's compiled train_step on the first device (bf16 `teacher_params` on `one_device()`)."""
     log(f"jax {case.variant}: building and compiling")
-    cfg = case.cfg
-    mesh = one_device()
-    optimizer = make_optimizer(ml_collections.ConfigDict({**cfg.optim.to_dict(), "total_steps": cfg.total_steps}))
+    cfg, step, mesh = case.cfg, case.step, case.step.mesh
     params = placed_random_params(case.student_config, cfg.seed, jnp.float32, mesh)
-    abstract = jax.eval_shape(lambda p: init_state(p, optimizer, cfg.seed, False), params)
-    state_shardings = sharding.tree_shardings(abstract, mesh)
-    state = jax.jit(lambda p: init_state(p, optimizer, cfg.seed, False), out_shardings=state_shardings)(params)
+    state_shardings = step.shardings(step.inputs.state)
+    state = jax.jit(lambda p: init_state(p, step.optimizer, cfg.seed, False), out_shardings=state_shardings)(params)
     del params
-    n = cfg.noise
-    step_cfg = StepConfig(
-        student=case.student,
-        teacher=case.teacher,
-        schedule=NoiseSchedule(n.num_train_timesteps, n.beta_start, n.beta_end, n.prediction_type),
-        weights=LossWeights(cfg.kd.task, cfg.kd.out, cfg.kd.feat),
-        pairs=case.pairs,
-        optimizer=optimizer,
-        ema_decay=None,
-        caption_dropout=cfg.data.caption_dropout,
-    )
-    step_fn = jit_train_step(
-        step_cfg,
-        state_shardings,
-        jax.tree.map(lambda x: x.sharding, teacher_params),
-        sharding.batch_sharding(mesh),
-        sharding.replicated(mesh),
-    )
     batch = jax.device_put(data, sharding.batch_sharding(mesh))
     null_embeds = jax.device_put(null, sharding.replicated(mesh))
 
     start = time.perf_counter()
-    compiled = step_fn.lower(state, teacher_params, batch, null_embeds).compile()
+    compiled = step.compile()
     compile_s = time.perf_counter() - start
     log(f"jax {case.variant}: step compiled in {compile_s:.1f} s; timing")
 
-    def step() -> dict:
+    def one_step() -> dict:
         nonlocal state
         state, metrics = compiled(state, teacher_params, batch, null_embeds)
         return metrics
 
-    step_time, metrics = time_steps(step, jax.block_until_ready, warmup, steps)
+    step_time, metrics = time_steps(one_step, jax.block_until_ready, warmup, steps)
     if not bool(metrics["finite"]):
         raise FloatingPointError(f"JAX step not finite: { {k: float(v) for k, v in metrics.items()} }")
     return Timing(step_time, float(metrics["total"]), jax_peak_memory(), compiled_flops(compiled), compile_s)
@@ -262,7 +249,7 @@ def torch_step(case: Case, data: Batch, null: Batch, device, compile_models: boo
         fused=device.type == "cuda",
     )
     alphas = torch.as_tensor(
-        NoiseSchedule(cfg.noise.num_train_timesteps, cfg.noise.beta_start, cfg.noise.beta_end).alphas_cumprod,
+        case.step.config.schedule.alphas_cumprod,
         device=device,
     )
     x0, ehs_in, pooled_in, time_ids = (
@@ -452,7 +439,7 @@ def main(argv: list[str] | None = None) -> None:
     variants = list(STUDENT_VARIANTS) if args.variant == "both" else [args.variant]
     # Smallest student first: JAX's peak memory counter only grows within the process.
     cases = sorted((make_case(args, v) for v in variants), key=lambda c: param_count(c.student_config))
-    data, null = random_batch(cases[0].teacher_config, args.batch, args.resolution // 8, args.text_len)
+    data, null = random_batch(cases[0].teacher_config, args.batch, args.resolution // SDXL_VAE_FACTOR, args.text_len)
     # PyTorch first, then JAX: torch hands its cached memory back, JAX's allocator never does.
     torch_timings = (
         {}

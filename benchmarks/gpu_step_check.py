@@ -35,13 +35,12 @@ from pathlib import Path
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # before jax starts
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
-from koala_jax.evaluation.report import write_json  # noqa: E402
+from koala_jax.files import write_json  # noqa: E402
 from koala_jax.train.config import base_config  # noqa: E402
 from koala_jax.train.plan import GIB, compile_layout, describe, remat_name  # noqa: E402
-from koala_jax.train.setup import train_optimizer  # noqa: E402
-from koala_jax.train.state import init_state  # noqa: E402
+from koala_jax.train.state import init_state, make_optimizer  # noqa: E402
+from koala_jax.train.step_builder import SDXL_VAE_FACTOR, random_inputs  # noqa: E402
 
 PLAN_TABLE = Path(__file__).resolve().parent / "results" / "plan_table.json"
 PLANNED_GB = 80  # the plan_table.json search this script checks (H100 / A100 80GB)
@@ -73,32 +72,10 @@ def config(args: argparse.Namespace, remat: tuple[str, ...]):
     cfg = base_config()  # train.py's defaults: bf16 teacher, fp32 student, bf16 compute, attn1 feature KD, no EMA
     cfg.teacher.source = "random:tiny-sdxl" if args.smoke else "random:sdxl-base"
     cfg.student.variant = args.variant
-    cfg.data.synthetic_latent_size = args.resolution // 8
-    cfg.data.synthetic_text_len = 8 if args.smoke else 77
+    cfg.data.synthetic.latent_size = args.resolution // SDXL_VAE_FACTOR
+    cfg.data.synthetic.text_len = 8 if args.smoke else 77
     cfg.compute.remat = remat
     return cfg
-
-
-def random_like(tree, seed: int):
-    """Device arrays shaped, typed and sharded like the ShapeDtypeStructs of `tree`, made on the devices: kernels
-    and embeddings ~ N(0, 0.02^2), norm scales 1, biases 0 (values do not change memory; finite ones keep the
-    step's updates applied)."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-
-    def value(path, x, key):
-        name = getattr(path[-1], "key", "") if path else ""
-        if name == "scale":
-            return jnp.ones(x.shape, x.dtype)
-        if name == "bias" or not jnp.issubdtype(x.dtype, jnp.floating):
-            return jnp.zeros(x.shape, x.dtype)
-        return (0.02 * jax.random.normal(key, x.shape, jnp.float32)).astype(x.dtype)
-
-    keys = jax.random.split(jax.random.key(seed), max(len(leaves), 1))
-    make = jax.jit(
-        lambda ks: treedef.unflatten([value(p, x, k) for (p, x), k in zip(leaves, ks)]),
-        out_shardings=treedef.unflatten([x.sharding for _, x in leaves]),
-    )
-    return make(keys)
 
 
 def memory_stats(device) -> dict:
@@ -121,13 +98,13 @@ def main(argv: list[str] | None = None) -> None:
     measurement, inputs, compiled = compile_layout(describe(cfg), [device], 1, batch, remat)
     print(f"compiled in {measurement.compile_s:.0f} s: {measurement.total / GIB:.2f} GiB planned by XLA", flush=True)
     state_abstract, teacher_abstract, batch_abstract, null_abstract = inputs
-    params = random_like(state_abstract.params, 0)
+    params = random_inputs(state_abstract.params, 0)
     state = jax.jit(
-        lambda p: init_state(p, train_optimizer(cfg), cfg.seed, cfg.ema_decay is not None),
+        lambda p: init_state(p, make_optimizer(cfg.optim, cfg.total_steps), cfg.seed, cfg.ema.decay is not None),
         out_shardings=jax.tree.map(lambda x: x.sharding, state_abstract),
     )(params)
-    teacher = random_like(teacher_abstract, 1)
-    batch_arrays, null = random_like(batch_abstract, 2), random_like(null_abstract, 3)
+    teacher = random_inputs(teacher_abstract, 1)
+    batch_arrays, null = random_inputs(batch_abstract, 2), random_inputs(null_abstract, 3)
     del params
     times = []
     for _ in range(args.steps):

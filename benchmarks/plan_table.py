@@ -6,7 +6,7 @@
 
 For each setup (student, teacher, resolution) the step is compiled for `--devices` fake CPU devices with fsdp
 over all of them (the most memory-saving mesh of that many devices) from abstract inputs, with the most
-memory-saving remat (`resnet+attention_block`), as `train.py --config.plan_hbm_gib=...` compiles it.
+memory-saving remat (`resnet+attention_block`), as `train.py --config.plan.hbm_gib=...` compiles it.
 Verified setups (`--verify`, default the KOALA-700M 1024 px one) run `koala_jax.train.plan.search` for every
 accelerator memory: the largest per-device batch, backed by a compile of it that fits and of the next that
 does not; one planner serves every budget, so no layout is compiled twice, and one more compile gives
@@ -32,7 +32,7 @@ import platform
 import time
 from pathlib import Path
 
-from koala_jax.evaluation.report import write_json
+from koala_jax.files import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "plan_table.json"
 GB = 10**9
@@ -100,8 +100,8 @@ def run_setup(name: str, setup: Setup, budgets_gb: list[int], args: argparse.Nam
     cfg = base_config()
     cfg.teacher.source = setup.teacher
     cfg.student.variant = setup.student
-    cfg.data.synthetic_latent_size = setup.latent_size
-    cfg.data.synthetic_text_len = 77
+    cfg.data.synthetic.latent_size = setup.latent_size
+    cfg.data.synthetic.text_len = 77
     entry = results.setdefault("setups", {}).setdefault(name, {})
     saved = entry.get("tried", [])
     entry.update(dataclasses.asdict(setup), resolution=setup.resolution, searches={}, predictions={})

@@ -13,5 +13,5 @@ def get_config():
     c = sdxl_distillation_config(
         "koala-700m", teacher="weights/sdxl-turbo", data="data/koala-512", workdir="runs/koala_turbo_700m"
     )
-    c.data.synthetic_latent_size = 64
+    c.data.synthetic.latent_size = 64
     return c

@@ -21,9 +21,9 @@ def get_config():
     c.sample.steps = 8
     c.teacher.source = "random:tiny-sdxl"
     c.data.global_batch_size = 8
-    c.data.synthetic_records = 256
-    c.data.synthetic_latent_size = 16
-    c.data.synthetic_text_len = 8
+    c.data.synthetic.records = 256
+    c.data.synthetic.latent_size = 16
+    c.data.synthetic.text_len = 8
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 10
     return c

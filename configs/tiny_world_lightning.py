@@ -47,9 +47,9 @@ def get_config(steps: str = str(FIRST_ROUND_STEPS)):
     c.teacher.source = TEACHER if n == FIRST_ROUND_STEPS else f"assets/tiny_world/lightning_{2 * n}step"
     c.student.variant = "same"
     c.student.init = "teacher"
-    c.objective = "progressive"
-    c.progressive.steps = n
-    c.progressive.guidance = 5.0 if n == FIRST_ROUND_STEPS else 1.0
+    c.objective.kind = "progressive"
+    c.objective.steps = n
+    c.objective.guidance = 5.0 if n == FIRST_ROUND_STEPS else 1.0
     c.kd.task, c.kd.out, c.kd.feat = 1.0, 0.0, 0.0
     c.data.source = "world:4096:mixed"
     c.data.global_batch_size = 32

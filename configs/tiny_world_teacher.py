@@ -40,10 +40,11 @@ def get_config(phase: str = "scratch"):
     c.student.init = "random" if phase == "scratch" else "teacher"
     c.kd.task, c.kd.out, c.kd.feat = 1.0, 0.0, 0.0
     c.data.source = "runs/tiny_world/data"
+    c.data.synthetic.latent_size = 16  # what the planner plans with before runs/tiny_world/data exists (64 px / 4)
     c.data.global_batch_size = 32
     c.data.caption_dropout = 0.1
     c.optim.lr = 1e-3 if phase == "scratch" else 3e-4
     c.optim.warmup_steps = 200 if phase == "scratch" else 50
     c.optim.schedule = "constant" if phase == "scratch" else "cosine"
-    c.ema_decay = 0.999
+    c.ema.decay = 0.999
     return c

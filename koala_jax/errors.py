@@ -30,3 +30,7 @@ class DataError(KoalaError, ValueError):
 
 class ConfigError(KoalaError, ValueError):
     """Settings that are unknown, out of range, or contradict each other or the models."""
+
+
+class DiskFullError(KoalaError, OSError):
+    """Not enough space for an output; names the path, the bytes needed (where known) and the bytes free."""

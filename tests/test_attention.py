@@ -19,7 +19,7 @@ from koala_jax.models import attention_kernels as kernels
 from koala_jax.models.attention import Transformer2DModel
 from koala_jax.models.attention_kernels import auto_choice, dot_product_attention, tpu_interpret_mode
 from koala_jax.train.config import base_config
-from koala_jax.train.setup import make_models
+from koala_jax.train.step_builder import Models, make_models, step_settings
 
 from tests.conftest import MICRO, ROOT, make_inputs, rel_err
 
@@ -226,7 +226,7 @@ def test_block_sizes_reach_the_models_from_the_training_config():
     cfg.compute.attention_impl, cfg.compute.attention_block_q, cfg.compute.attention_block_kv = "chunked", 256, 128
     cfg.kd.feat = 0.0  # no feature pairs: nothing is traced
     config = UNetConfig.from_diffusers(MICRO)
-    teacher, student, _ = make_models(cfg, config, config)
+    teacher, student, _ = make_models(step_settings(cfg).opts, "", Models(config, config, {}))
     for unet in (teacher, student):
         assert (unet.opts.attention_impl, unet.opts.attention_block_q, unet.opts.attention_block_kv) == (
             "chunked",

@@ -9,8 +9,11 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 PACKAGE = ROOT / "koala_jax"
-# Lowest first; a module may import its own layer and the ones before it. `errors` and `dtypes` are leaves.
-LAYERS = ("errors", "dtypes", "models", "students", "weights", "data", "pipelines", "train", "evaluation", "cli")
+# Lowest first; a module may import its own layer and the ones before it.
+LAYERS = (
+    *("errors", "dtypes", "files", "console"),  # leaves
+    *("models", "students", "weights", "data", "pipelines", "train", "evaluation", "cli"),
+)
 TORCH_LIBRARIES = ("torch", "diffusers", "transformers", "torchmetrics")
 # The PyTorch side: the diffusers/transformers pipelines, data preparation with the teacher's encoders, the
 # opt-in readers of torch pickles and original checkpoints (diffusers' own key converter), and the metrics of
@@ -91,3 +94,60 @@ def test_top_level_commands_are_shims():
     for script, command in commands.items():
         assert {name for name, _ in imports(ROOT / script)} == {"sys", f"koala_jax.cli.{command}"}, script
         assert len((ROOT / script).read_text().splitlines()) < 20, script
+
+
+def module_edges() -> dict[str, set[str]]:
+    """{module: the koala_jax modules it imports} (function-level imports included; `from package import module`
+    is an edge to the module, `from package import name` to the package's __init__)."""
+    known = {module_name(p).removesuffix(".__init__") for p in PACKAGE.rglob("*.py")}
+    edges: dict[str, set[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = module_name(path).removesuffix(".__init__")
+        found = edges.setdefault(name, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name in known}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level and node.module in known:
+                subs = {f"{node.module}.{a.name}" for a in node.names} & known
+                found |= subs or {node.module}
+        found.discard(name)
+    return edges
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles_even_inside_a_package():
+    assert cycles(module_edges()) == []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

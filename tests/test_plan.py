@@ -1,4 +1,4 @@
-"""The planner (`train.py --config.plan=True`, koala_jax/train/plan.py): the search's batch and remat logic on
+"""The planner (`train.py --config.plan.enabled=True`, koala_jax/train/plan.py): the search's batch and remat logic on
 known memory curves, the architecture and data shapes it plans from (no weights, no records), one-line errors;
 compiled on 8 fake devices (fsdp=8 holds ~1/8 of fsdp=1's parameter and optimizer bytes, the search's batch
 fits and the next does not) and on two cooperating processes through train.py."""
@@ -87,28 +87,28 @@ def test_cheapest_remat_bisects_the_ladder(budget, want):
 
 
 def test_plans_from_configs_only(tmp_path):
-    """The teacher's architecture from `plan_teacher` when its source is not here, said so; the latent shape of a
+    """The teacher's architecture from `plan.teacher` when its source is not here, said so; the latent shape of a
     prepared dataset from its metadata alone (no record exists here to read)."""
     cfg = base_config()
     cfg.teacher.source = str(tmp_path / "not-converted-yet")
-    cfg.plan_teacher = "random:tiny-sdxl"
+    cfg.plan.teacher = "random:tiny-sdxl"
     cfg.data.source = str(tmp_path / "data")
     os.makedirs(cfg.data.source)
     (tmp_path / "data" / schema.shard_filename(0, 1)).touch()  # an empty shard: reading a record would fail
     features = schema.record_features((4, 12, 10), text_dim=64, pooled_dim=32)
     schema.write_tfds_metadata(cfg.data.source, features, shard_lengths=[5])
     problem = plan.describe(cfg)
-    assert problem.teacher_config == TINY_SDXL and "not-converted-yet is not here" in problem.teacher_note
-    assert problem.latent_shape == (4, 12, 10) and problem.text_len == schema.TEXT_LENGTH
+    assert problem.models.teacher == TINY_SDXL and "not-converted-yet is not here" in problem.models.note
+    assert problem.data.latent_shape == (4, 12, 10) and problem.data.text_len == schema.TEXT_LENGTH
     cfg.data.source, cfg.data.resolution = str(tmp_path / "raw-images"), 512
-    assert plan.describe(cfg).latent_shape == (4, 64, 64)
+    assert plan.describe(cfg).data.latent_shape == (4, 64, 64)
 
 
-def test_missing_teacher_without_plan_teacher_is_one_line_error():
-    argv = ["train.py", "--config", "configs/koala_700m.py", "--config.plan=True", "--config.plan_teacher="]
+def test_missing_teacher_without_plan_dot_teacher_is_one_line_error():
+    argv = ["train.py", "--config", "configs/koala_700m.py", "--config.plan.enabled=True", "--config.plan.teacher="]
     out = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 1
-    assert out.stderr.startswith("error: teacher.source weights/sdxl-base: not here") and "plan_teacher" in out.stderr
+    assert out.stderr.startswith("error: teacher.source weights/sdxl-base: not here") and "plan.teacher" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
 
 
@@ -121,7 +121,7 @@ from koala_jax.train.config import base_config
 
 cfg = base_config()
 cfg.teacher.source = "random:" + sys.argv[1]
-cfg.data.synthetic_latent_size, cfg.data.synthetic_text_len = 16, 8
+cfg.data.synthetic.latent_size, cfg.data.synthetic.text_len = 16, 8
 cfg.compute.attention_impl = "xla"
 planner = plan.Planner(plan.describe(cfg), jax.devices(), log=lambda line: print(line, file=sys.stderr))
 saving = plan.REMAT_LADDER[-1]
@@ -177,7 +177,7 @@ def free_port() -> int:
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_plan_through_train_py(tmp_path):
-    """train.py --config.plan=True on 2 processes x 2 devices: the global batch assembles from both processes'
+    """train.py --config.plan.enabled=True on 2 processes x 2 devices: the global batch assembles from both processes'
     rows and the step compiles; process 0 writes plan.json; nothing is trained."""
     teacher = tmp_path / "wide_micro.json"
     teacher.write_text(json.dumps(WIDE_MICRO))
@@ -185,7 +185,7 @@ def test_two_processes_plan_through_train_py(tmp_path):
     address = f"localhost:{free_port()}"
     flags = [
         "--config=configs/tiny_random.py",
-        "--config.plan=True",
+        "--config.plan.enabled=True",
         f"--config.workdir={tmp_path / 'run'}",
         f"--config.teacher.source=random:{teacher}",
         "--config.mesh.fsdp=4",

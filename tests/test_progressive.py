@@ -16,7 +16,7 @@ from koala_jax.pipelines.euler import Conditioning, EulerSchedule, euler_sample
 from koala_jax.train.config import base_config
 from koala_jax.train.losses import LossWeights
 from koala_jax.train.noise import NoiseSchedule
-from koala_jax.train.preflight import Problems, check_objective
+from koala_jax.train.preflight import Problems, check_objective, check_settings
 from koala_jax.train.preview import euler_schedule
 from koala_jax.train.progressive import ProgressiveDistillation, guided_teacher
 from koala_jax.train.state import init_state
@@ -105,17 +105,17 @@ def test_one_step_target_is_the_samplers_two_guided_steps():
 
 def test_progressive_settings_are_checked_before_loading():
     cfg = base_config()
-    cfg.objective = "progressive"
-    cfg.progressive.steps = 3
+    cfg.objective.kind = "progressive"
+    cfg.objective.steps = 3
     cfg.noise.timesteps = (999,)
     cfg.noise.prediction_type = "v_prediction"
     problems = Problems()
-    check_objective(cfg, problems)
+    check_settings(cfg, problems)  # the objective's own checks, and its round built as the step builds it
     found = " | ".join(problems.found)
     print(found)
     assert "set kd.out=0 and kd.feat=0" in found and "unset noise.timesteps" in found
     assert "epsilon-prediction" in found and len(problems.found) == 3
-    cfg.objective = "distill"
+    cfg.objective.kind = "distill"
     problems = Problems()
     check_objective(cfg, problems)
     assert problems.found == ["objective 'distill': choose from koala, progressive"]

@@ -71,7 +71,8 @@ def nan_teacher(tmp_path_factory) -> Path:
 def test_train_loading_refuses_nan_in_what_it_places(nan_teacher):
     cfg = base_config()
     cfg.teacher.source = str(nan_teacher)
-    _, teacher, built = load_models(cfg)  # memory maps and shapes only: no value is read yet
+    # memory maps and shapes only: no value is read yet
+    _, teacher, built = load_models(cfg.teacher, cfg.student, cfg.seed)
     mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
     with pytest.raises(BadValuesError, match=r"1 bad tensor\(s\): 'conv_in.weight' has 1 NaN and 0 Inf values"):
         place(teacher, sharding.tree_shardings(teacher, mesh), ml_dtypes.bfloat16, check=cfg.teacher.source)
@@ -82,7 +83,7 @@ def test_train_loading_refuses_nan_in_what_it_places(nan_teacher):
 def test_place_casts_slices_to_the_same_values(nan_teacher):
     cfg = base_config()
     cfg.teacher.source = str(nan_teacher)
-    _, teacher, _ = load_models(cfg)
+    _, teacher, _ = load_models(cfg.teacher, cfg.student, cfg.seed)
     mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
     placed = place(teacher, sharding.tree_shardings(teacher, mesh), ml_dtypes.bfloat16)
     for got, want in zip(jax.tree.leaves(placed), jax.tree.leaves(teacher)):

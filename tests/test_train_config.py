@@ -49,10 +49,48 @@ def test_renamed_keys_name_their_new_place(old, capsys):
     assert train_cli.main(["--config", "configs/tiny.py", f"--config.{old}=1"]) == 1
     err = capsys.readouterr().err
     assert err == f"error: --config.{old} is now --config.{RENAMED[old]}\n"
-    group, _, key = RENAMED[old].partition(".")
-    assert key in base_config()[group]  # The new name exists.
+    node = base_config()
+    for part in RENAMED[old].split("."):  # The new name exists.
+        assert part in node
+        node = node[part]
 
 
 def test_missing_config_flag_is_one_line_error(capsys):
     assert train_cli.main([]) == 1
     assert capsys.readouterr().err == "error: --config is required, e.g. --config configs/tiny.py\n"
+
+
+CONFIG_FILE_ERRORS = {
+    "unknown key": (
+        "from koala_jax.train.config import cpu_config\n\ndef get_config():\n    c = cpu_config()\n"
+        "    c.optim.warmup_step = 5\n    return c\n",
+        ":5: unknown config key warmup_step (did you mean warmup_steps?)",
+    ),
+    "old flat key": (
+        "from koala_jax.train.config import cpu_config\n\ndef get_config():\n    c = cpu_config()\n"
+        "    c.ema_decay = 0.9\n    return c\n",
+        ":5: ema_decay is now ema.decay",
+    ),
+    "old flat key replacing a group": (
+        "from koala_jax.train.config import cpu_config\n\ndef get_config():\n    c = cpu_config()\n"
+        "    c.plan = True\n    return c\n",
+        ":5: plan is now plan.enabled",
+    ),
+    "syntax error": ("def get_config(:\n    pass\n", ":1: syntax error"),
+    "no get_config": ("X = 1\n", ": no get_config() function"),
+    "exception inside get_config": (
+        "def get_config():\n    return {}['b']\n",
+        ":2: KeyError: 'b'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_FILE_ERRORS))
+def test_config_file_errors_are_one_line_naming_file_and_line(case, tmp_path, capsys):
+    text, expected = CONFIG_FILE_ERRORS[case]
+    path = tmp_path / "my_config.py"
+    path.write_text(text)
+    assert train_cli.main(["--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}") and expected in err, err
+    assert len(err.strip().splitlines()) == 1

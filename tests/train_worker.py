@@ -24,10 +24,10 @@ def micro_config(workdir: str, teacher_json: str, steps: int, mesh: tuple[int, i
     c = base_config()
     c.workdir, c.total_steps, c.log_every, c.ckpt.every = workdir, steps, 1, 2
     c.teacher.source, c.teacher.param_dtype = f"random:{teacher_json}", "float32"
-    c.data.global_batch_size, c.data.synthetic_records = 8, 64
-    c.data.synthetic_latent_size, c.data.synthetic_text_len = 8, 4
+    c.data.global_batch_size, c.data.synthetic.records = 8, 64
+    c.data.synthetic.latent_size, c.data.synthetic.text_len = 8, 4
     c.optim.lr, c.optim.warmup_steps = 1e-3, 1
-    c.ema_decay = 0.9
+    c.ema.decay = 0.9
     c.compute.dtype, c.compute.remat, c.compute.attention_impl = "float32", (), "xla"
     c.mesh.data, c.mesh.fsdp = mesh
     c.tensorboard = False
@@ -76,11 +76,11 @@ def main() -> None:
                 jax.experimental.multihost_utils.process_allgather(x, tiled=True) if jax.process_count() > 1 else x
             )
         ),
-        result["state"].params,
+        result.state.params,
     )
     if jax.process_index() == 0:
         np.savez(Path(args.workdir) / "final_params.npz", **{"/".join(k): v for k, v in flatten_dict(params).items()})
-    print("HISTORY " + json.dumps(result["history"]), flush=True)
+    print("HISTORY " + json.dumps(result.history), flush=True)
 
 
 if __name__ == "__main__":

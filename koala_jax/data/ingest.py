@@ -20,11 +20,13 @@ import tarfile
 import urllib.parse
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from koala_jax.data import images
+from koala_jax.data.records import Collection, RawRecord
+from koala_jax.data.world import CAPTION_MIXES, WorldCollection
 from koala_jax.errors import DataError, MissingPathError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -54,32 +56,6 @@ class Filtered(SkipRecord):
     """The record is fine but fails a user filter (resolution, aspect, caption length)."""
 
     kind = "filtered"
-
-
-@dataclasses.dataclass(frozen=True)
-class RawRecord:
-    """One input pair before decoding; `where` locates it in error messages and reports."""
-
-    where: str
-    image: bytes
-    caption: str
-
-
-class Collection(Protocol):
-    """Random access to the records of one input.
-
-    `description` names the input stably (checked when resuming a preparation);
-    `skipped_shards` lists input files left out whole.
-    """
-
-    description: str
-    skipped_shards: list[str]
-
-    def __len__(self) -> int: ...
-
-    def load(self, index: int) -> RawRecord:
-        """The record at `index`; raises `Unreadable` when it cannot be read."""
-        ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -517,7 +493,6 @@ def open_collection(path: str, kind: str = "auto", options: InputOptions = Input
 def open_world(spec: str) -> Collection:
     """`world:<records>[:<caption style>[:<seed>]]`: rendered scenes of the tiny world (64 px; resized by the
     preparation like any image), captions 'short', 'rich' or 'mixed' (default)."""
-    from koala_jax.data.world import CAPTION_MIXES, WorldCollection  # world.py imports this module
 
     parts = spec[len(WORLD_PREFIX) :].split(":")
     if not 1 <= len(parts) <= 3 or not parts[0].isdigit() or int(parts[0]) < 1:

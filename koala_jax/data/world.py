@@ -47,7 +47,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageDraw
 
-from koala_jax.data.ingest import RawRecord
+from koala_jax.data.records import RawRecord
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 # Hues (degrees): red 0, yellow ~54, green ~127, cyan 180, blue ~232, purple ~280.

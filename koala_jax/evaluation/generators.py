@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from koala_jax.console import Progress
 from koala_jax.evaluation import world_eval
 from koala_jax.evaluation.world_eval import Generated, Generator
 from koala_jax.pipelines.sampling import Settings
@@ -20,10 +21,12 @@ def batched(draw: Callable[[list[str], list[int]], tuple[np.ndarray, np.ndarray]
 
     def generate(prompts: Sequence[str], seeds: Sequence[int]) -> Generated:
         images, latents = [], []
-        for i in range(0, len(prompts), batch_size):
-            pixels, final = draw(list(prompts[i : i + batch_size]), list(seeds[i : i + batch_size]))
-            images += list(pixels)
-            latents += list(final)
+        with Progress(len(prompts), "sampling", unit="img") as bar:  # a bar on a terminal only
+            for i in range(0, len(prompts), batch_size):
+                pixels, final = draw(list(prompts[i : i + batch_size]), list(seeds[i : i + batch_size]))
+                images += list(pixels)
+                latents += list(final)
+                bar.update(len(pixels))
         return Generated(images, latents)
 
     return generate

@@ -18,7 +18,6 @@ Rule (BK-SDM's, which KOALA follows; see docs/paper.md and `students.spec`):
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Mapping
 
@@ -119,13 +118,6 @@ def build_student(
             params[path] = random_leaf(path[-1], leaf.shape, leaf.dtype, rng)
             fresh.append(key)
     return Student(config, unflatten_dict(params), mapping, fresh, selection)
-
-
-def mapped_fraction(mapping: Mapping[str, str], params: Mapping) -> float:
-    """Fraction of student parameters (by count) that came from the teacher."""
-    flat = {flax_path_to_torch_module(k): v for k, v in flatten_dict(dict(params)).items()}
-    total = sum(math.prod(np.shape(v)) for v in flat.values())
-    return sum(math.prod(np.shape(flat[k])) for k in mapping) / total
 
 
 def mapping_lines(mapping: Mapping[str, str]) -> list[str]:

@@ -15,8 +15,9 @@ STUDENT_VARIANTS = {
     "koala-1b": {"deep_keep_fraction": 0.6, "mid_block": True},
     "koala-700m": {"deep_keep_fraction": 0.5, "mid_block": False},
 }
-# A tiny SDXL-shaped teacher for the embedded default config and tests: 3 stages, two residual blocks
-# per encoder stage, depth 4 at the deepest stage, text dims of koala_jax.pipelines.tiny (64 / 32).
+# A tiny SDXL-shaped architecture for random teachers (configs/tiny_random.py), tests and benchmarks: 3 stages, two
+# residual blocks per encoder stage, depth 4 at the deepest stage, text dims of koala_jax.pipelines.tiny (64 / 32).
+# (The embedded default, configs/tiny.py, distils the shipped tiny-world teacher instead: docs/tiny_world.md.)
 TINY_SDXL = UNetConfig(
     block_out_channels=(32, 64, 128),
     layers_per_block=(2, 2, 2),

@@ -33,6 +33,7 @@ import orbax.checkpoint as ocp
 from flax.traverse_util import flatten_dict
 
 from koala_jax.errors import ConfigError, KoalaError
+from koala_jax.files import fault_point
 from koala_jax.models import UNetConfig
 from koala_jax.weights.orbax_errors import describe_failure, quiet_closed_loop_noise
 from koala_jax.weights.state_dict import StateDictError, check_against
@@ -88,6 +89,20 @@ class Checkpointer:
         if not (force or self.manager.should_save(step)):
             return False
         self.wait()
+        self.check_space(state, step)
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(loader))
+        fault_point("checkpoint.save")  # the tests' faults: before orbax writes, and once it writes in the background
+        try:
+            started = self.manager.save(step, args=args, force=force)
+        except SAVE_ERRORS as e:
+            raise self._failed(step, e) from e
+        self._pending = step if started else None
+        fault_point("checkpoint.saving")
+        return started
+
+    def check_space(self, state, step: int) -> None:
+        """Raise CheckpointError if the disk cannot hold a checkpoint of `state` (called before step 1 too, so a run
+        that could never save stops before it trains)."""
         self._size = sum(x.nbytes for x in jax.tree.leaves(state))
         free = self._free()
         if any_process(self._size * SPACE_MARGIN > free):
@@ -95,13 +110,6 @@ class Checkpointer:
                 f"not enough disk space for checkpoint step {step}: it needs about {size(self._size * SPACE_MARGIN)}, "
                 f"{size(free)} free in {self.directory}; training stopped before writing it. {self._kept()}"
             )
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(loader))
-        try:
-            started = self.manager.save(step, args=args, force=force)
-        except SAVE_ERRORS as e:
-            raise self._failed(step, e) from e
-        self._pending = step if started else None
-        return started
 
     def check(self) -> None:
         """Raise the CheckpointError of an asynchronous save that has failed (does not wait for one running)."""
@@ -170,7 +178,7 @@ class Checkpointer:
         if (saved.get("ema_params") is None) != (abstract_state.ema_params is None):
             has, now = ("no", "set") if saved.get("ema_params") is None else ("", "None")
             raise ConfigError(
-                f"{where} has {has or 'its'} EMA params but ema_decay is {now} now: keep the run's ema_decay"
+                f"{where} has {has or 'its'} EMA params but ema.decay is {now} now: keep the run's ema.decay"
             )
         try:
             check_against(flatten_dict(saved["params"]), flatten_dict(abstract_state.params))

@@ -37,14 +37,14 @@ class WorkdirLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except BlockingIOError as e:
             holder = _read(fd)
             os.close(fd)
             raise ConfigError(
                 f"{self.path.parent} is in use by another train.py (process {holder.get('pid', '?')} on "
                 f"{holder.get('host', '?')}, started {holder.get('started', '?')}): two runs on one workdir would "
                 f"overwrite each other's checkpoints; wait for it, stop it, or use another workdir"
-            ) from None
+            ) from e
         previous = _read(fd)
         if previous.get("pid") not in (None, os.getpid()):
             report(

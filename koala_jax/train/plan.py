@@ -1,13 +1,13 @@
 """Will the step fit? Compile it, from abstract inputs, for any mesh, and read what XLA says.
 
-`python train.py --config <cfg> --config.plan=True` builds the training step exactly as `loop.train` does, but
+`python train.py --config <cfg> --config.plan.enabled=True` builds the training step exactly as `loop.train` does, but
 from `jax.ShapeDtypeStruct`s with shardings instead of arrays (no weights read, no device memory taken), lowers
 and compiles it for the configured mesh (real devices, or N fake CPU devices with
 XLA_FLAGS=--xla_force_host_platform_device_count=N), and reports per device the bytes of parameters, optimizer
 state, EMA, teacher, batch and XLA's temporaries (`compiled.memory_analysis()`), the step's FLOPs
 (`compiled.cost_analysis()`) and how the arrays are sharded; it writes `<workdir>/plan.json` and trains nothing.
 
-`--config.plan_hbm_gib=16` searches instead: for every fsdp degree that divides the device count, the largest
+`--config.plan.hbm_gib=16` searches instead: for every fsdp degree that divides the device count, the largest
 per-device batch that fits 16 GiB per device, then the cheapest remat (`REMAT_LADDER`) that fits that batch.
 
 What the numbers are worth (docs/scaling.md): a compile for CPU devices estimates an accelerator's memory, it
@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,24 +29,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from koala_jax.dtypes import dtype
 from koala_jax.errors import ConfigError, DataError, MissingPathError
-from koala_jax.models import UNetConfig, abstract_params
-from koala_jax.students import student_architecture
+from koala_jax.files import write_json
 from koala_jax.students.presets import PRESET_NAMES
 from koala_jax.train import sharding
-from koala_jax.train.losses import LossWeights
 from koala_jax.train.metrics import compiled_flops
-from koala_jax.train.setup import (
-    SAME_AS_TEACHER,
-    make_models,
-    make_step_config,
-    setup_distributed,
-    train_optimizer,
-)
-from koala_jax.train.state import init_state
-from koala_jax.train.step import jit_train_step
-from koala_jax.weights import source_config
+from koala_jax.train.setup import describe_models, setup_distributed
+from koala_jax.train.step_builder import DataShape, Models, StepInputs, build_step, data_shape
 from koala_jax.weights.sources import RANDOM_PREFIX
 
 PLAN_FILE = "plan.json"
@@ -68,7 +55,6 @@ REMAT_LADDER: tuple[tuple[str, ...], ...] = (
     ("resnet", "attention_block"),
 )
 MAX_BATCH_PER_DEVICE = 4096  # where the search stops doubling
-VAE_SCALE_FACTOR = 8  # SDXL's VAE: 8 pixels per latent
 ESTIMATE_NOTE = (
     "XLA's memory analysis of the step compiled for these devices (nothing allocated); on CPU devices an "
     "estimate of an accelerator's, as XLA:CPU fuses and schedules differently from XLA:GPU/TPU (docs/scaling.md)"
@@ -80,13 +66,8 @@ class Problem:
     """What is planned, everything but the layout (batch per device, fsdp degree, remat)."""
 
     cfg: ml_collections.ConfigDict
-    teacher_config: UNetConfig
-    teacher_note: str  # where the teacher's architecture came from
-    student_config: UNetConfig
-    selection: dict
-    latent_shape: tuple[int, int, int]  # (channels, height, width)
-    text_len: int
-    data_note: str
+    models: Models
+    data: DataShape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,86 +112,30 @@ def remat_name(remat: Sequence[str]) -> str:
 # ---------------------------------------------------------------- what is planned (no weights read)
 
 
-def teacher_architecture(cfg: ml_collections.ConfigDict) -> tuple[UNetConfig, str]:
-    """The teacher's config from its source's config alone. The planner downloads nothing and reads no weights:
-    a source that is not here (weights not yet converted, a hub id) is planned with `plan_teacher`, the
+def plan_models(cfg: ml_collections.ConfigDict) -> Models:
+    """The architectures from their sources' configs alone. The planner downloads nothing and reads no weights: a
+    teacher source that is not here (weights not yet converted, a hub id) is planned with `plan.teacher`, the
     architecture a config names for that case (the shipped SDXL configs: random:sdxl-base), and says so."""
     source = cfg.teacher.source
     if source.startswith(RANDOM_PREFIX) or source in PRESET_NAMES or Path(source).exists():
-        return source_config(source)
-    if not cfg.plan_teacher:
+        return describe_models(source, cfg.student.variant)
+    if not cfg.plan.teacher:
         raise MissingPathError(
             f"teacher.source {source}: not here, and the planner reads no weights and downloads nothing; plan "
-            f"with an architecture instead: --config.plan_teacher=random:sdxl-base (or a config.json)"
+            f"with an architecture instead: --config.plan.teacher=random:sdxl-base (or a config.json)"
         )
-    config, what = source_config(cfg.plan_teacher)
-    return config, f"{what} (plan_teacher; teacher.source {source} is not here)"
-
-
-def data_shapes(cfg: ml_collections.ConfigDict, teacher: UNetConfig) -> tuple[tuple[int, int, int], int, str]:
-    """(latent shape, text tokens, where from): a prepared dataset's metadata (no record read); for data not
-    prepared yet (or not here), the resolution it will be prepared at, else `synthetic_latent_size`, which the
-    shipped configs set to their run's resolution."""
-    source, size, text_len = cfg.data.source, cfg.data.synthetic_latent_size, cfg.data.synthetic_text_len
-    if source == "synthetic":
-        return (teacher.in_channels, size, size), text_len, "synthetic"
-    from koala_jax.data import schema  # tfds metadata: only for a prepared dataset
-
-    if os.path.exists(os.path.join(source, schema.DATASET_INFO_FILE)):
-        features, _ = schema.read_tfds_info(source)
-        return tuple(features["latents"].shape), features["prompt_embeds"].shape[0], f"prepared dataset {source}"
-    if cfg.data.resolution:
-        size, why = cfg.data.resolution // VAE_SCALE_FACTOR, f"data.resolution {cfg.data.resolution}"
-    else:
-        why = f"synthetic_latent_size {size}"
-    return (teacher.in_channels, size, size), schema.TEXT_LENGTH, f"{source} not prepared here: planned at {why}"
+    models = describe_models(cfg.plan.teacher, cfg.student.variant)
+    return dataclasses.replace(models, note=f"{models.note} (plan.teacher; teacher.source {source} is not here)")
 
 
 def describe(cfg: ml_collections.ConfigDict) -> Problem:
-    """Models and data shapes of `cfg`, from configs and metadata only."""
-    teacher_config, teacher_note = teacher_architecture(cfg)
-    if cfg.student.variant == SAME_AS_TEACHER:
-        student_config, selection = teacher_config, {}
-    else:
-        student_config, selection = student_architecture(teacher_config, cfg.student.variant)
-    latent_shape, text_len, data_note = data_shapes(cfg, teacher_config)
-    return Problem(cfg, teacher_config, teacher_note, student_config, selection, latent_shape, text_len, data_note)
+    """Models and data shapes of `cfg`, from configs and metadata only (`step_builder.data_shape`: the loop checks
+    its records against the same)."""
+    models = plan_models(cfg)
+    return Problem(cfg, models, data_shape(cfg.data, models.teacher, cfg.teacher.source))
 
 
 # ---------------------------------------------------------------- one layout, compiled
-
-
-def with_sharding(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
-def abstract_inputs(problem: Problem, cfg: ml_collections.ConfigDict, optimizer, mesh, global_batch: int) -> tuple:
-    """(state, teacher params, batch, null embeddings) as the loop passes them, shapes and shardings only."""
-    f32 = np.dtype(np.float32)
-    student = abstract_params(problem.student_config)
-    state = jax.eval_shape(lambda p: init_state(p, optimizer, cfg.seed, cfg.ema_decay is not None), student)
-    teacher = {}
-    if LossWeights(cfg.kd.task, cfg.kd.out, cfg.kd.feat).uses_teacher:
-        cast = dtype(cfg.teacher.param_dtype)
-        teacher = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, cast), abstract_params(problem.teacher_config))
-    t = problem.teacher_config
-    width, pooled = t.cross_attention_dim[0], t.pooled_text_dim
-    batch = {
-        "latents": jax.ShapeDtypeStruct((global_batch, *problem.latent_shape), f32),
-        "prompt_embeds": jax.ShapeDtypeStruct((global_batch, problem.text_len, width), f32),
-        "pooled_prompt_embeds": jax.ShapeDtypeStruct((global_batch, pooled), f32),
-        "time_ids": jax.ShapeDtypeStruct((global_batch, 6), f32),
-    }
-    null = {
-        "prompt_embeds": jax.ShapeDtypeStruct((problem.text_len, width), f32),
-        "pooled_prompt_embeds": jax.ShapeDtypeStruct((pooled,), f32),
-    }
-    return (
-        with_sharding(state, sharding.tree_shardings(state, mesh)),
-        with_sharding(teacher, sharding.tree_shardings(teacher, mesh)),
-        with_sharding(batch, jax.tree.map(lambda _: sharding.batch_sharding(mesh), batch)),
-        with_sharding(null, jax.tree.map(lambda _: sharding.replicated(mesh), null)),
-    )
 
 
 def device_bytes(tree) -> int:
@@ -264,27 +189,16 @@ def compile_layout(
     batch_per_device: int,
     remat: Sequence[str],
     grad_accum: int = 1,
-) -> tuple[Measurement, tuple, jax.stages.Compiled]:
+) -> tuple[Measurement, StepInputs, jax.stages.Compiled]:
     """Build the step of `problem` for one layout on `devices` as the training loop does, compile it from
     abstract inputs, and measure it; returns the measurement, the abstract inputs (state, teacher params,
     batch, null embeddings, with their shardings) and the compiled step, which runs on arrays like them."""
     cfg = layout_config(problem.cfg, remat, grad_accum)
     mesh = sharding.make_mesh(-1, fsdp, list(devices))
-    teacher, student, pairs = make_models(cfg, problem.teacher_config, problem.student_config, problem.selection)
-    optimizer = train_optimizer(cfg)
-    step_cfg = make_step_config(cfg, teacher, student, pairs, optimizer)
-    inputs = abstract_inputs(problem, cfg, optimizer, mesh, batch_per_device * len(devices))
-    state, teacher_params, batch, null = inputs
-    step_fn = jit_train_step(
-        step_cfg,
-        jax.tree.map(lambda x: x.sharding, state),
-        jax.tree.map(lambda x: x.sharding, teacher_params),
-        sharding.batch_sharding(mesh),
-        sharding.replicated(mesh),
-    )
+    step = build_step(cfg, problem.models, problem.data, mesh, batch_per_device * len(devices))
+    state, teacher_params, batch, null = inputs = step.inputs
     start = time.perf_counter()
-    with jax.set_mesh(mesh):  # as the loop compiles it (Pallas attention kernels shard_map over the mesh)
-        compiled = step_fn.lower(*inputs).compile()
+    compiled = step.compile()
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     outputs = memory.output_size_in_bytes - memory.alias_size_in_bytes  # the donated state is updated in place
@@ -478,7 +392,7 @@ def search(
     return SearchResult(budget, degrees, list(ladder), found, choice, len(planner.tried))
 
 
-# ---------------------------------------------------------------- train.py --config.plan=True
+# ---------------------------------------------------------------- train.py --config.plan.enabled=True
 
 
 def table_header() -> str:
@@ -493,15 +407,15 @@ def table_line(m: Measurement) -> str:
 
 
 def describe_lines(problem: Problem, devices: Sequence) -> list[str]:
-    cfg = problem.cfg
-    c, h, w = problem.latent_shape
+    cfg, data = problem.cfg, problem.data
+    c, h, w = data.latent_shape
     return [
         f"plan: student {cfg.student.variant} of teacher {cfg.teacher.source}",
-        f"  teacher architecture: {problem.teacher_note} (params {cfg.teacher.param_dtype})",
-        f"  data: {problem.data_note}: latents {c}x{h}x{w} ({h * VAE_SCALE_FACTOR} px), {problem.text_len} text tokens",
+        f"  teacher architecture: {problem.models.note} (params {cfg.teacher.param_dtype})",
+        f"  data: {data.note}: latents {c}x{h}x{w} ({data.pixels} px), {data.text_len} text tokens",
         f"  devices: {len(devices)} {devices[0].platform} ({devices[0].device_kind}) over {jax.process_count()} "
         f"process(es); compute {cfg.compute.dtype}, attention {cfg.compute.attention_impl}, "
-        f"EMA {'on' if cfg.ema_decay is not None else 'off'}",
+        f"EMA {'on' if cfg.ema.decay is not None else 'off'}",
     ]
 
 
@@ -559,7 +473,7 @@ def check_global_batch(batch: dict) -> str:
     return f"global batch {batch['latents'].shape[0]} assembled from {processes} processes ({rows} rows each): ok"
 
 
-def compile_configured(problem: Problem, devices: Sequence) -> tuple[Measurement, tuple, jax.stages.Compiled]:
+def compile_configured(problem: Problem, devices: Sequence) -> tuple[Measurement, StepInputs, jax.stages.Compiled]:
     """The layout the config asks for: its mesh, remat, grad_accum and global batch."""
     cfg = problem.cfg
     fsdp = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, list(devices)).shape["fsdp"]
@@ -572,21 +486,21 @@ def compile_configured(problem: Problem, devices: Sequence) -> tuple[Measurement
 
 
 def plan(cfg: ml_collections.ConfigDict) -> dict:
-    """`train.py --config.plan=True`: compile the configured step (or search, with `plan_hbm_gib`), print what it
-    needs per device, write `<workdir>/plan.json` (process 0) and return its contents."""
+    """`train.py --config.plan.enabled=True`: compile the configured step (or search, with `plan.hbm_gib`), print
+    what it needs per device, write `<workdir>/plan.json` (process 0) and return its contents."""
     setup_distributed(cfg.distributed)
     problem = describe(cfg)
     devices = jax.devices()
     say = print if jax.process_index() == 0 else (lambda *_: None)
     say("\n".join(describe_lines(problem, devices)))
-    result = {"mode": "search" if cfg.plan_hbm_gib else "plan", **problem_json(problem, devices)}
-    if cfg.plan_hbm_gib:
+    result = {"mode": "search" if cfg.plan.hbm_gib else "plan", **problem_json(problem, devices)}
+    if cfg.plan.hbm_gib:
         planner = Planner(problem, devices, say)
-        say(f"search: {cfg.plan_hbm_gib:g} GiB per device, grad_accum 1 (compiles as it goes)\n{table_header()}")
-        found = search(planner, int(cfg.plan_hbm_gib * GIB))
+        say(f"search: {cfg.plan.hbm_gib:g} GiB per device, grad_accum 1 (compiles as it goes)\n{table_header()}")
+        found = search(planner, int(cfg.plan.hbm_gib * GIB))
         result.update(search=found.json(), tried=[m.row() for m in planner.tried])
         if found.choice is None:
-            say(f"nothing fits {cfg.plan_hbm_gib:g} GiB per device on {len(devices)} devices")
+            say(f"nothing fits {cfg.plan.hbm_gib:g} GiB per device on {len(devices)} devices")
         else:
             result.update(layout_json(found.choice))
             say(f"choice after {found.compiles} compiles: " + "\n".join(bytes_lines(found.choice)))
@@ -595,12 +509,12 @@ def plan(cfg: ml_collections.ConfigDict) -> dict:
         result.update(layout_json(measurement))
         say("\n".join(bytes_lines(measurement)))
         if jax.process_count() > 1:
-            result["global_batch_check"] = check_global_batch(inputs[2])
+            result["global_batch_check"] = check_global_batch(inputs.batch)
             say(result["global_batch_check"])
     if jax.process_index() == 0:
         path = Path(cfg.workdir) / PLAN_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1))
+        write_json(path, result)
         say(f"written {path}; {ESTIMATE_NOTE}")
     return result
 
@@ -610,11 +524,16 @@ def problem_json(problem: Problem, devices: Sequence) -> dict:
     return {
         "teacher": {
             "source": cfg.teacher.source,
-            "architecture": problem.teacher_note,
+            "architecture": problem.models.note,
             "param_dtype": cfg.teacher.param_dtype,
         },
         "student": cfg.student.variant,
-        "data": {"source": problem.data_note, "latent_shape": list(problem.latent_shape), "text_len": problem.text_len},
+        "data": {
+            "source": problem.data.note,
+            "latent_shape": list(problem.data.latent_shape),
+            "text_len": problem.data.text_len,
+            "pixels": problem.data.pixels,
+        },
         "devices": {
             "count": len(devices),
             "platform": devices[0].platform,
@@ -626,7 +545,7 @@ def problem_json(problem: Problem, devices: Sequence) -> dict:
             "attention_impl": cfg.compute.attention_impl,
             "remat_policy": cfg.compute.remat_policy,
             "kd_features": list(cfg.kd.features) if cfg.kd.feat else [],
-            "ema": cfg.ema_decay is not None,
+            "ema": cfg.ema.decay is not None,
         },
         "estimate": ESTIMATE_NOTE,
     }

@@ -12,32 +12,22 @@ import contextlib
 import json
 import math
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import jax
 import ml_collections
 
-from koala_jax.dtypes import dtype
 from koala_jax.errors import ConfigError, KoalaError
 from koala_jax.models import UNetConfig
-from koala_jax.students import student_architecture
+from koala_jax.train.identity import CHANGEABLE
 from koala_jax.train.progressive import OBJECTIVES, PROGRESSIVE
-from koala_jax.train.setup import (
-    SAME_AS_TEACHER,
-    forward_options,
-    noise_schedule,
-    on_the_fly_config,
-    progressive_round,
-)
+from koala_jax.train.setup import SAME_AS_TEACHER, describe_models, student_models
 from koala_jax.train.sharding import mesh_shape
-from koala_jax.weights import source_config
-from koala_jax.weights.export import check_pipeline
-from koala_jax.weights.pipeline_dir import is_pipeline_dir
+from koala_jax.train.step_builder import step_settings
+from koala_jax.weights.sources import is_hub_id
 from koala_jax.weights.training_run import STUDENT_CONFIG, checkpoint_steps
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _STUDENT_INITS = ("teacher", "random")
 _SCHEDULES = ("constant", "cosine")
 
@@ -71,13 +61,18 @@ class Problems:
 def check_run(cfg: ml_collections.ConfigDict) -> None:
     """Raise one ConfigError listing every problem of `cfg` that can be known before loading anything
     (call after `setup_distributed`: the mesh is checked against the devices of every process)."""
+    find_problems(cfg).raise_any()
+
+
+def find_problems(cfg: ml_collections.ConfigDict, raw_input_ok: bool = False) -> Problems:
+    """Every problem of `cfg`; `raw_input_ok`: a raw `data.source` is the data stage's to check (`data_stage`)."""
     problems = Problems()
     check_settings(cfg, problems)
     check_devices(cfg, problems)
     teacher, student = check_models(cfg, problems)
-    check_data(cfg, teacher, problems)
+    check_data(cfg, teacher, problems, raw_input_ok)
     check_workdir(cfg, student, problems)
-    problems.raise_any()
+    return problems
 
 
 def check_settings(cfg: ml_collections.ConfigDict, problems: Problems) -> None:
@@ -100,29 +95,45 @@ def check_settings(cfg: ml_collections.ConfigDict, problems: Problems) -> None:
     ):
         if value not in choices:
             problems.add(f"{name} {value!r}: choose from {', '.join(choices)}")
-    if cfg.ema_decay is not None and not 0.0 <= cfg.ema_decay < 1.0:
-        problems.add(f"ema_decay {cfg.ema_decay} must be in [0, 1) (or None: no EMA)")
+    check_ranges(cfg, problems)
     weights = {"kd.task": cfg.kd.task, "kd.out": cfg.kd.out, "kd.feat": cfg.kd.feat}
     if any(w < 0 for w in weights.values()) or not any(weights.values()):
         problems.add(f"loss weights {weights}: none may be negative and one must be positive")
-    with problems.collect(ValueError):  # ForwardOptions: dtypes, remat, attention, feature kinds
-        forward_options(cfg)
+    unknown = [p for p in cfg.resume.allow_changes.split(",") if p.strip() and p.strip() not in CHANGEABLE]
+    if unknown:
+        problems.add(f"resume.allow_changes {cfg.resume.allow_changes!r}: choose among {', '.join(CHANGEABLE)}")
+    with problems.collect(ValueError):  # the step's own settings, built as build_step builds them
+        step_settings(cfg)
     check_objective(cfg, problems)
-    with problems.collect():
-        dtype(cfg.teacher.param_dtype)
-    if cfg.eval.prompts and not is_pipeline_dir(cfg.eval.pipeline or cfg.teacher.source):
-        problems.add(
-            f"eval.prompts needs a pipeline folder for the VAE and text encoders: eval.pipeline (default "
-            f"teacher.source) {cfg.eval.pipeline or cfg.teacher.source!r} is not one"
-        )
+
+
+def check_ranges(cfg: ml_collections.ConfigDict, problems: Problems) -> None:
+    """Values with a range: seeds, rates, probabilities, betas (before anything loads)."""
+    ranges = (
+        ("seed", cfg.seed, 0, 2**32 - 1, "a seed is a non-negative 32-bit integer"),
+        ("optim.lr", cfg.optim.lr, 1e-30, None, "a learning rate is positive"),
+        ("optim.warmup_steps", cfg.optim.warmup_steps, 0, None, ""),
+        ("optim.b1", cfg.optim.b1, 0.0, 0.999999, ""),
+        ("optim.b2", cfg.optim.b2, 0.0, 0.999999, ""),
+        ("optim.weight_decay", cfg.optim.weight_decay, 0.0, 1.0, ""),
+        ("optim.grad_clip", cfg.optim.grad_clip, 0.0, None, "0 turns clipping off"),
+        ("data.caption_dropout", cfg.data.caption_dropout, 0.0, 1.0, "a probability"),
+        ("noise.beta_start", cfg.noise.beta_start, 1e-8, 0.999, ""),
+        ("noise.beta_end", cfg.noise.beta_end, cfg.noise.beta_start, 0.999, "at least noise.beta_start"),
+        ("ema.decay", 0.0 if cfg.ema.decay is None else cfg.ema.decay, 0.0, 0.999999, "None turns EMA off"),
+    )
+    for name, value, low, high, why in ranges:
+        if not (low <= value and (high is None or value <= high)):
+            bound = f"in [{low:g}, {high:g}]" if high is not None else f"at least {low:g}"
+            problems.add(f"{name} {value!r} must be {bound}" + (f" ({why})" if why else ""))
 
 
 def check_objective(cfg: ml_collections.ConfigDict, problems: Problems) -> None:
     """`objective` is known; progressive distillation has one loss (the two-step teacher's epsilon: no output or
     feature KD term), its own timesteps, and a round that fits the schedule (`ProgressiveDistillation`)."""
-    if cfg.objective not in OBJECTIVES:
-        problems.add(f"objective {cfg.objective!r}: choose from {', '.join(OBJECTIVES)}")
-    if cfg.objective != PROGRESSIVE:
+    if cfg.objective.kind not in OBJECTIVES:
+        problems.add(f"objective {cfg.objective.kind!r}: choose from {', '.join(OBJECTIVES)}")
+    if cfg.objective.kind != PROGRESSIVE:
         return
     if cfg.kd.out or cfg.kd.feat:
         problems.add(
@@ -130,9 +141,7 @@ def check_objective(cfg: ml_collections.ConfigDict, problems: Problems) -> None:
             f"{cfg.kd.out} and {cfg.kd.feat})"
         )
     if cfg.noise.timesteps:
-        problems.add("objective 'progressive' trains on its own steps (progressive.steps): unset noise.timesteps")
-    with problems.collect(ValueError):  # NoiseSchedule: the prediction type
-        progressive_round(cfg, noise_schedule(cfg.noise))
+        problems.add("objective 'progressive' trains on its own steps (objective.steps): unset noise.timesteps")
 
 
 def check_devices(cfg: ml_collections.ConfigDict, problems: Problems) -> None:
@@ -154,28 +163,29 @@ def check_devices(cfg: ml_collections.ConfigDict, problems: Problems) -> None:
 
 def check_models(cfg: ml_collections.ConfigDict, problems: Problems) -> tuple[UNetConfig | None, UNetConfig | None]:
     """(teacher config, student config) from configs alone (None where unknown: a problem, or a hub id that
-    is only resolved when downloaded)."""
-    source = cfg.teacher.source
-    if _HUB_ID.match(source) and not os.path.exists(source):
+    is only resolved when downloaded); a wrong student still lets the data be checked against the teacher."""
+    if is_hub_id(cfg.teacher.source) and not os.path.exists(cfg.teacher.source):
         return None, None
     teacher = None
     with problems.collect():
-        teacher = source_config(source)[0]
+        teacher = describe_models(cfg.teacher.source, SAME_AS_TEACHER).teacher
     if teacher is None or cfg.student.variant == SAME_AS_TEACHER:
         return teacher, teacher
     with problems.collect():
-        return teacher, student_architecture(teacher, cfg.student.variant)[0]
+        return teacher, student_models(teacher, cfg.student.variant).student
     return teacher, None
 
 
-def check_data(cfg: ml_collections.ConfigDict, teacher: UNetConfig | None, problems: Problems) -> None:
-    """data.source exists, and its records were (or will be) encoded for this teacher."""
+def check_data(
+    cfg: ml_collections.ConfigDict, teacher: UNetConfig | None, problems: Problems, raw_input_ok: bool
+) -> None:
+    """data.source exists, and its records were encoded for this teacher (a raw input: `data_stage`)."""
     from koala_jax.data import schema  # tfds metadata: only where a dataset is named
 
     data = cfg.data
     if data.source == "synthetic":
-        if data.synthetic_records < jax.process_count() or min(data.synthetic_latent_size, data.synthetic_text_len) < 1:
-            problems.add("data.synthetic_records, synthetic_latent_size and synthetic_text_len must be positive")
+        if data.synthetic.records < jax.process_count() or min(data.synthetic.latent_size, data.synthetic.text_len) < 1:
+            problems.add("data.synthetic.records, latent_size and text_len must be positive")
         return
     prepared = os.path.join(data.source, schema.DATASET_INFO_FILE)
     if os.path.isfile(prepared):
@@ -185,44 +195,11 @@ def check_data(cfg: ml_collections.ConfigDict, teacher: UNetConfig | None, probl
             f"data.source {data.source}: an unfinished preparation (no {schema.DATASET_INFO_FILE}); rerun the "
             "prepare_data.py command to finish it"
         )
-    else:
-        check_raw_input(cfg, teacher, problems)
-
-
-def check_raw_input(cfg: ml_collections.ConfigDict, teacher: UNetConfig | None, problems: Problems) -> None:
-    """A raw input to encode into <workdir>/data: readable, with encoders that fit the teacher, and the same
-    settings as an earlier encoding there."""
-    from koala_jax.data import ingest, prepare, schema
-
-    data = cfg.data
-    if jax.process_count() > 1:
+    elif not raw_input_ok:
         problems.add(
-            f"data.source {data.source!r} is not a prepared dataset: with several processes, prepare it first "
-            f"(prepare_data.py --input {data.source} --output-dir ...)"
+            f"data.source {data.source}: not a prepared dataset; train.py encodes raw inputs before training "
+            "(koala_jax.train.data_stage), or prepare it with prepare_data.py"
         )
-        return
-    collection = None
-    with problems.collect():
-        collection = ingest.open_collection(data.source)
-    if collection is None:  # A path that is wrong says nothing about the encoders.
-        return
-    encoders = data.encoders or cfg.teacher.source
-    if not is_pipeline_dir(encoders):
-        problems.add(
-            f"data.source {data.source!r} needs the teacher's VAE and text encoders: data.encoders (default "
-            f"teacher.source) {encoders!r} is not a diffusers pipeline folder"
-        )
-        return
-    if teacher is not None:
-        with problems.collect():
-            check_pipeline(Path(encoders), teacher)
-    output_dir = os.path.join(cfg.workdir, "data")
-    if os.path.isfile(os.path.join(output_dir, schema.DATASET_INFO_FILE)):
-        check_encoded_for(output_dir, teacher, problems)
-    with problems.collect():
-        config = on_the_fly_config(data, output_dir, encoders)
-        problems.found += config.problems()
-        prepare.check_settings(output_dir, config.content_settings(collection))
 
 
 def check_encoded_for(data_dir: str, teacher: UNetConfig | None, problems: Problems) -> None:

@@ -58,7 +58,7 @@ class ProgressiveDistillation:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.guidance < 1.0:
             raise ConfigError(
-                f"progressive.steps {self.steps} must be at least 1 and progressive.guidance {self.guidance} at "
+                f"objective.steps {self.steps} must be at least 1 and objective.guidance {self.guidance} at "
                 "least 1 (1: no guidance)"
             )
         if self.schedule.prediction_type != "epsilon":
@@ -68,7 +68,7 @@ class ProgressiveDistillation:
         student, teacher = self.schedule.timesteps(self.steps), self.schedule.timesteps(2 * self.steps)
         if not np.array_equal(teacher[::2], student):
             raise ConfigError(
-                f"progressive.steps {self.steps}: the teacher's {2 * self.steps} {self.schedule.timestep_spacing} "
+                f"objective.steps {self.steps}: the teacher's {2 * self.steps} {self.schedule.timestep_spacing} "
                 f"timesteps do not contain the student's (every other one); use a power of two"
             )
 

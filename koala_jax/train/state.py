@@ -20,23 +20,25 @@ class TrainState:
     rng: jax.Array  # raw uint32 key data, so checkpoints store it as a plain array
 
 
-def learning_rate_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
-    """Linear warm-up to cfg.lr, then constant or cosine decay to 0 at cfg.total_steps."""
-    warmup = optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1))
-    if cfg.schedule == "constant":
-        rest = optax.constant_schedule(cfg.lr)
-    elif cfg.schedule == "cosine":
-        rest = optax.cosine_decay_schedule(cfg.lr, max(cfg.total_steps - cfg.warmup_steps, 1))
+def learning_rate_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """Linear warm-up to optim.lr, then constant or cosine decay to 0 at `total_steps`."""
+    warmup = optax.linear_schedule(0.0, optim.lr, max(optim.warmup_steps, 1))
+    if optim.schedule == "constant":
+        rest = optax.constant_schedule(optim.lr)
+    elif optim.schedule == "cosine":
+        rest = optax.cosine_decay_schedule(optim.lr, max(total_steps - optim.warmup_steps, 1))
     else:
-        raise ValueError(f"optim.schedule {cfg.schedule!r}: choose 'constant' or 'cosine'")
-    return optax.join_schedules([warmup, rest], [cfg.warmup_steps])
+        raise ValueError(f"optim.schedule {optim.schedule!r}: choose 'constant' or 'cosine'")
+    return optax.join_schedules([warmup, rest], [optim.warmup_steps])
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Global-norm clipping then AdamW (decoupled weight decay), as BK-SDM/KOALA train with AdamW."""
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW (decoupled weight decay), as BK-SDM/KOALA train with AdamW; `optim.*` and
+    the run's length (which a cosine schedule needs)."""
+    schedule = learning_rate_schedule(optim, total_steps)
     return optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip else optax.identity(),
-        optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay),
+        optax.clip_by_global_norm(optim.grad_clip) if optim.grad_clip else optax.identity(),
+        optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay),
     )
 
 

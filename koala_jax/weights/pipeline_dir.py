@@ -191,4 +191,10 @@ def default_image_size(path: str | os.PathLike) -> int:
     sample_size = read_config(folder).sample_size
     if not isinstance(sample_size, int):
         raise ConvertError(f"{folder}: its unet/config.json has no sample_size (got {sample_size!r}); give the size")
-    return sample_size * VAEConfig.from_diffusers(read_json(vae_folder(folder) / CONFIG_NAME)).downscale_factor
+    return sample_size * vae_factor(folder)
+
+
+def vae_factor(path: str | os.PathLike) -> int:
+    """Pixels per latent along each side (diffusers' `vae_scale_factor`: 8 for SDXL, 4 for the tiny world) of the
+    VAE of pipeline folder `path`, from its config (the one place this is read)."""
+    return VAEConfig.from_diffusers(read_json(vae_folder(_existing_folder(path)) / CONFIG_NAME)).downscale_factor

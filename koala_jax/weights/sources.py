@@ -42,8 +42,28 @@ from koala_jax.weights.state_dict import flax_path_to_torch_key
 from koala_jax.weights.training_run import STUDENT_CONFIG, is_training_dir, read_student_config, restore_params
 
 RANDOM_PREFIX = "random:"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # 'org/name'
 _HUB_UNET_FILES = (CONFIG_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, "diffusion_pytorch_model-*-of-*.safetensors")
+
+
+def is_hub_id(text: str) -> bool:
+    """Whether `text` has the form of a Hugging Face hub id ('org/name'); a local path of that form wins."""
+    return bool(HUB_ID.match(str(text)))
+
+
+def source_kind(src: str | os.PathLike) -> str:
+    """What kind of weights source `src` is (the one place this is decided): 'random', 'preset' (a name, configs
+    only), 'training_run', 'params_dir', 'folder' (diffusers U-Net or pipeline), 'file', 'hub' or 'missing'."""
+    text, path = str(src), Path(src)
+    if text.startswith(RANDOM_PREFIX):
+        return "random"
+    if not path.exists():
+        return "preset" if text in PRESET_NAMES else "hub" if is_hub_id(text) else "missing"
+    if is_training_dir(path):
+        return "training_run"
+    if is_params_dir(path):
+        return "params_dir"
+    return "folder" if path.is_dir() else "file"
 
 
 def read_source(
@@ -68,18 +88,19 @@ def read_source(
             f"{src}: --ema and --step need a train.py working directory (checkpoints/ and "
             f"{STUDENT_CONFIG}), not a weights folder or file"
         )
-    if text.startswith(RANDOM_PREFIX):
+    kind = source_kind(src)
+    if kind == "random":
         config = random_config(text[len(RANDOM_PREFIX) :])
         params = random_params(config, seed)
-    elif is_training_dir(path):
+    elif kind == "training_run":
         config, params = restore_params(path, ema=ema, step=step)
-    elif is_params_dir(path):
+    elif kind == "params_dir":
         config, params = load_params(path)
-    elif path.is_dir():
+    elif kind == "folder":
         config, params = read_diffusers_folder(path, allow_pickle)
-    elif path.is_file():
+    elif kind == "file":
         config, params = read_single_file(path, config_path, allow_pickle)
-    elif _HUB_ID.match(text):
+    elif kind == "hub":
         config, params = read_diffusers_folder(download_unet(text), allow_pickle)
     else:
         raise MissingPathError(
@@ -124,15 +145,15 @@ def source_config(src: str, config_path: str | None = None, allow_pickle: bool =
     """(config, what it is) of a preset name or any source, reading no weights where the config stands
     alone (presets, random sources, training runs, JAX params dirs); other sources have their keys and
     shapes validated (memory-mapped weights are not read)."""
-    path = Path(src)
-    if not path.exists() and src in PRESET_NAMES:
+    kind, path = source_kind(src), Path(src)
+    if kind == "preset":
         return preset(src), f"preset {src}"
-    if src.startswith(RANDOM_PREFIX):
+    if kind == "random":
         return random_config(src[len(RANDOM_PREFIX) :]), f"random weights, {src[len(RANDOM_PREFIX) :]}"
-    if is_training_dir(path):
+    if kind == "training_run":
         return read_student_config(path), f"training run {path}"
-    if is_params_dir(path):
+    if kind == "params_dir":
         return read_params_config(path), f"JAX params dir {path}"
-    if not path.exists() and not _HUB_ID.match(src):
+    if kind == "missing":
         raise MissingPathError(f"{src}: no such file or folder, and not a preset ({', '.join(PRESET_NAMES)})")
     return read_source(src, config_path, allow_pickle, check_values=False)[0], f"weights {src}"
