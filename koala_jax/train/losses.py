@@ -3,6 +3,10 @@
 L_task: MSE between the student's prediction and the true target (noise or v); L_outKD: MSE between
 student and teacher predictions on the same noisy input; L_featKD: the sum over paired features of
 the MSE between student and teacher feature (BK-SDM's form, which KOALA builds on). All in float32.
+
+`kd.feat_norm='teacher'` (our choice, LAPTOP-Diff's form, not KOALA's) divides each pair's MSE by the mean square
+of its teacher feature: feature targets of very different magnitudes (last stage outputs, resnets, self-attention)
+then pull with comparable strength at the same lambda_feat. docs/training.md gives the formula.
 """
 
 from __future__ import annotations
@@ -17,12 +21,28 @@ from koala_jax.errors import ConfigError
 from koala_jax.models.config import UNetConfig
 from koala_jax.students.mapping import teacher_path_for
 
+FEAT_NORMS = ("none", "teacher")
+# The smallest divisor of feat_norm='teacher': a teacher feature whose mean square is below it (RMS < 1e-4, e.g. an
+# all-zero one) is divided by FEAT_NORM_EPS instead, so its loss stays finite; above it the division is exact.
+FEAT_NORM_EPS = 1e-8
+
+
+def check_feat_norm(value: str) -> None:
+    """Refuse an unknown `kd.feat_norm` by name (a typo would otherwise silently train the wrong objective)."""
+    if value not in FEAT_NORMS:
+        choices = " or ".join(repr(v) for v in FEAT_NORMS)
+        raise ConfigError(f"kd.feat_norm must be {choices}, got {value!r}: set --config.kd.feat_norm to one of them")
+
 
 @dataclasses.dataclass(frozen=True)
 class LossWeights:
     task: float = 1.0
     out: float = 1.0
     feat: float = 1.0
+    feat_norm: str = "none"  # `kd.feat_norm`: 'none' or 'teacher'
+
+    def __post_init__(self) -> None:
+        check_feat_norm(self.feat_norm)
 
     @property
     def uses_teacher(self) -> bool:
@@ -32,6 +52,13 @@ class LossWeights:
 
 def mse(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     return jnp.mean(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)))
+
+
+def teacher_normalised_mse(student: jnp.ndarray, teacher: jnp.ndarray) -> jnp.ndarray:
+    """MSE(student, teacher) / max(mean(teacher**2), FEAT_NORM_EPS): the pair's squared error relative to the
+    teacher feature's own magnitude (`teacher` must already be detached; the divisor is float32 too)."""
+    scale = jnp.maximum(jnp.mean(jnp.square(teacher.astype(jnp.float32))), FEAT_NORM_EPS)
+    return mse(student, teacher) / scale
 
 
 def feature_pairs(
@@ -70,10 +97,12 @@ def kd_losses(
     weights: LossWeights,
 ) -> dict[str, jnp.ndarray]:
     """The loss terms and their weighted total; teacher values carry no gradient. Without a teacher
-    (`teacher_out` None: plain diffusion training) both KD terms are 0."""
+    (`teacher_out` None: plain diffusion training) both KD terms are 0. `feat_kd` is on the scale the loss uses
+    (relative to the teacher feature with feat_norm='teacher'), unweighted."""
     zero = jnp.zeros((), jnp.float32)
+    pair_loss = teacher_normalised_mse if weights.feat_norm == "teacher" else mse
     feat = sum(
-        (mse(student_feats[s], jax.lax.stop_gradient(teacher_feats[t])) for s, t in pairs.items()),
+        (pair_loss(student_feats[s], jax.lax.stop_gradient(teacher_feats[t])) for s, t in pairs.items()),
         start=zero,
     )
     out_kd = zero if teacher_out is None else mse(student_out, jax.lax.stop_gradient(teacher_out))
