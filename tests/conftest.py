@@ -23,7 +23,8 @@ import torch  # noqa: E402
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline  # noqa: E402
 from diffusers import UNet2DConditionModel as TorchUNet  # noqa: E402
 from flax.traverse_util import flatten_dict  # noqa: E402
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
 from koala_jax.cli import convert  # noqa: E402
 from koala_jax.pipelines.tiny import save_tiny_sdxl_components  # noqa: E402
@@ -189,6 +190,14 @@ def torch_forward(model: TorchUNet, x: dict, capture: bool) -> tuple[np.ndarray,
     return out.numpy(), feats
 
 
+def tiny_clip_encoder(cls, folder: Path, hidden: int, projection: int, seed: int):
+    """A tiny CLIP text encoder of the tiny pipeline's vocabulary (its config in `folder`) with its own width (CLIP-L
+    and bigG must differ in width, as in SDXL, for diffusers' single-file reader to tell them apart)."""
+    config = CLIPTextConfig.from_pretrained(folder)
+    config.update({"hidden_size": hidden, "intermediate_size": 2 * hidden, "projection_dim": projection})
+    return randomize_(cls(config), seed)
+
+
 def build_teacher_pipeline(folder: Path) -> TorchUNet:
     """A complete tiny SDXL pipeline folder (model_index.json included, written by diffusers itself) whose
     U-Net is a random TINY_TEACHER; returns that U-Net."""
@@ -231,3 +240,39 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def components(tmp_path_factory) -> Path:
+    """A tiny random SDXL pipeline folder without its U-Net (VAE, text encoders, tokenizers, scheduler)."""
+    folder = tmp_path_factory.mktemp("tiny_sdxl")
+    save_tiny_sdxl_components(str(folder), seed=0)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """Three random 40 px images with captions in .txt files beside them."""
+    folder = tmp_path_factory.mktemp("images")
+    for i in range(3):
+        pixels = np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a random picture number {i}")
+    return folder
+
+
+def random_sdxl_pipeline(folder: Path, unet: dict) -> StableDiffusionXLPipeline:
+    """A tiny SDXL pipeline with random non-trivial weights in every part and a U-Net of config `unet`, saved to
+    `folder` by diffusers."""
+    save_tiny_sdxl_components(str(folder))
+    pipe = StableDiffusionXLPipeline(
+        vae=randomize_(AutoencoderKL.from_pretrained(folder / "vae"), seed=6),
+        text_encoder=tiny_clip_encoder(CLIPTextModel, folder / "text_encoder", 16, 16, seed=4),
+        text_encoder_2=tiny_clip_encoder(CLIPTextModelWithProjection, folder / "text_encoder_2", 32, 24, seed=5),
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
+        scheduler=EulerDiscreteScheduler.from_pretrained(folder / "scheduler"),
+        unet=randomize_(TorchUNet(**unet), seed=3),
+    )
+    pipe.save_pretrained(folder)
+    return pipe

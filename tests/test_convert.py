@@ -331,7 +331,7 @@ def test_failed_write_leaves_previous_output_intact(teacher, tmp_path, monkeypat
 
     monkeypatch.setattr("koala_jax.weights.export.save_file", disk_full)
     assert run("to-diffusers", "--checkpoint", teacher[0], "--out", out, "--overwrite", "--dtype", "fp16") == 1
-    assert "No space left on device" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith(f"error: {out}: no space left on the device (needs ")
     assert (out / WEIGHTS).read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # No temporary folder left behind.
 

@@ -12,12 +12,10 @@ import huggingface_hub
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
+from diffusers import StableDiffusionXLPipeline
 from diffusers import UNet2DConditionModel as TorchUNet
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from koala_jax import UNetConfig
-from koala_jax.pipelines.tiny import save_tiny_sdxl_components
 from koala_jax.weights import read_source
 from koala_jax.weights.checks import BadValuesError
 from koala_jax.weights.model_card import CardFacts, render
@@ -27,18 +25,19 @@ from koala_jax.weights.single_file import read_original_components
 from koala_jax.weights.state_dict import torch_to_flax
 from koala_jax.weights.training_run import checkpoint_steps
 
-from tests.conftest import MICRO, PER_PAIR, PER_PAIR_MID, assert_trees_equal, numpy_state, randomize_, run
+from tests.conftest import (
+    MICRO,
+    PER_PAIR,
+    PER_PAIR_MID,
+    assert_trees_equal,
+    numpy_state,
+    random_sdxl_pipeline,
+    randomize_,
+    run,
+)
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 FILES = {"unet": WEIGHTS, "vae": WEIGHTS, "text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors"}
-
-
-def _encoder(cls, folder: Path, hidden: int, projection: int, seed: int):
-    """A tiny CLIP text encoder of the tiny pipeline's vocabulary with its own width (CLIP-L and bigG must
-    differ in width, as in SDXL, for diffusers' single-file reader to tell them apart)."""
-    config = CLIPTextConfig.from_pretrained(folder)
-    config.update({"hidden_size": hidden, "intermediate_size": 2 * hidden, "projection_dim": projection})
-    return randomize_(cls(config), seed)
 
 
 @pytest.fixture(scope="module")
@@ -46,18 +45,7 @@ def pipeline(tmp_path_factory) -> tuple[Path, StableDiffusionXLPipeline]:
     """A tiny SDXL pipeline folder whose U-Net has per-pair depths and a single-resnet mid block (PER_PAIR),
     with random non-trivial weights in every part."""
     folder = tmp_path_factory.mktemp("pipeline")
-    save_tiny_sdxl_components(str(folder))
-    pipe = StableDiffusionXLPipeline(
-        vae=randomize_(AutoencoderKL.from_pretrained(folder / "vae"), seed=6),
-        text_encoder=_encoder(CLIPTextModel, folder / "text_encoder", 16, 16, seed=4),
-        text_encoder_2=_encoder(CLIPTextModelWithProjection, folder / "text_encoder_2", 32, 24, seed=5),
-        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-        tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
-        scheduler=EulerDiscreteScheduler.from_pretrained(folder / "scheduler"),
-        unet=randomize_(TorchUNet(**PER_PAIR), seed=3),
-    )
-    pipe.save_pretrained(folder)
-    return folder, pipe
+    return folder, random_sdxl_pipeline(folder, PER_PAIR)
 
 
 def _flat_clip(state: dict) -> dict:

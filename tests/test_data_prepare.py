@@ -394,7 +394,7 @@ def test_crash_leaves_no_complete_looking_shard_and_rerun_resumes(tmp_path, teac
         prepare.prepare_dataset(collection, config)
     shards = [name for name in os.listdir(output) if name.startswith(schema.DATASET_NAME)]
     assert sorted(shards) == [schema.shard_filename(k, 5) for k in (0, 1)]
-    assert os.listdir(os.path.join(output, schema.INCOMPLETE_DIR))  # the crashed shard's debris
+    assert os.listdir(os.path.join(output, schema.INCOMPLETE_DIR)) == []  # the crashed shard's part is removed
     with pytest.raises(FileNotFoundError, match="rerun"):
         open_source(output)
 

@@ -11,6 +11,7 @@ from PIL import Image
 
 from koala_jax.cli import evaluate
 from koala_jax.data import world
+from koala_jax.evaluation import report as report_module
 
 from tests.conftest import build_teacher_pipeline, run
 
@@ -68,8 +69,12 @@ def test_identical_models_agree_exactly_and_a_student_differs(pipelines, tmp_pat
     for model in ("teacher", "copy", "student"):
         accuracy = report["models"][model]["accuracy"]
         assert accuracy["n"] == items and 0.0 <= accuracy["colour_shape"] <= 1.0
-    grid = Image.open(tmp_path / "grid.png")
-    assert grid.height > items * 128 and grid.width > 3 * 128  # One row per item, one column per model.
+    grid = Image.open(tmp_path / "grid.png")  # A row per prompt; per model, a column per seed.
+    cell = report_module.grid_cell(items // 2)
+    assert grid.size == (
+        report_module.LABEL_WIDTH + 3 * 2 * cell + 2 * report_module.GAP,
+        report_module.HEADER + 18 * cell,
+    )
     assert "| teacher |" in (tmp_path / "report.md").read_text() and "| student |" in capsys.readouterr().out
 
 
@@ -106,7 +111,7 @@ def test_diffusers_backend_draws_the_same_images(pipelines, tmp_path):
         (["--model", "t={teacher}", "--prompts", "cats"], "unknown prompt set"),
         (["--model", "t={teacher}", "--seeds", "a,b"], "comma-separated integers"),
         (["--model", "t={teacher}", "--model", "t={teacher}"], "given twice"),
-        (["--model", "t={teacher}", "--steps", "0"], "must be positive"),
+        (["--model", "t={teacher}", "--steps", "0"], "--steps 0 must be between 1 and 1000"),
     ],
 )
 def test_mistakes_are_one_line(pipelines, tmp_path, capsys, argv, message):
@@ -116,3 +121,33 @@ def test_mistakes_are_one_line(pipelines, tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_the_grid_is_prompts_by_models_with_the_seeds_side_by_side():
+    """Issue 22: the grid was one column of 36 rows (368x4624 px). The main job's evaluation (18 prompts x 4 seeds
+    x 2 models of 64 px) now fits under 2,000 px, each image where its prompt, model and seed say."""
+    prompts, seeds = [p.text for p in world.single_object_prompts()], [0, 1, 2, 3]
+    assert len(prompts) == 18
+    colour = lambda m, p, s: (40 * m + 20, 10 * p + 5, 50 * s + 30)  # every (model, prompt, seed) its own
+    images = {
+        name: [np.full((64, 64, 3), colour(m, p, s), np.uint8) for p in range(len(prompts)) for s in seeds]
+        for m, name in enumerate(("teacher", "student"))
+    }
+    grid = report_module.side_by_side(images, prompts, seeds)
+    cell = report_module.grid_cell(len(prompts))
+    width = report_module.LABEL_WIDTH + 2 * 4 * cell + report_module.GAP
+    assert grid.size == (width, report_module.HEADER + 18 * cell) and grid.height < 2000 and cell > 64
+    pixels = np.asarray(grid)
+    for m in range(2):
+        for p in range(len(prompts)):
+            for s in range(len(seeds)):
+                x = report_module.LABEL_WIDTH + m * (4 * cell + report_module.GAP) + s * cell + cell // 2
+                y = report_module.HEADER + p * cell + cell // 2
+                assert tuple(pixels[y, x]) == colour(m, p, s), (m, p, s)
+    label_column = pixels[report_module.HEADER :, : report_module.LABEL_WIDTH]
+    header = pixels[: report_module.HEADER, report_module.LABEL_WIDTH :]
+    assert (label_column < 128).any() and (header < 128).any()  # the prompts, model names and seeds are drawn
+    few = report_module.side_by_side(
+        {m: i[:8] for m, i in images.items()}, prompts[:2], seeds
+    )  # few prompts: larger images, within bounds
+    assert few.height == report_module.HEADER + 2 * report_module.CELL_RANGE[1]

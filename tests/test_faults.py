@@ -3,9 +3,13 @@ one-line error, the exit status, and that nothing that existed before was lost o
 
 Most cases run in this process on tiny inputs: the checks before any loading, the checkpointer against a
 saved micro run (damaged, mismatched, no disk space, leftovers), the workdir lock, the converter (damaged
-inputs, bad values, signals, leftovers of killed runs), prepare_data.py and sample.py. Those that need train.py
+inputs, bad values, leftovers of killed runs), prepare_data.py and sample.py. Those that need train.py
 itself as a process (two runs at once, a disk that fills during an asynchronous save, Ctrl-C, resuming a
 damaged or different run) start it on the micro teacher and are marked slow.
+
+Signals and failures in a running command land at a named fault point (`koala_jax.files.fault_point`, set by
+the environment variable KOALA_FAULT_POINT): the command signals itself there, or announces the point and waits
+for the test's signal. No test waits on a timer, so none depends on the machine's load.
 """
 
 from __future__ import annotations
@@ -14,27 +18,28 @@ import hashlib
 import json
 import os
 import re
-import resource
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 import numpy as np
 import optax
 import pytest
-from PIL import Image
 
+from koala_jax import files as files_module
 from koala_jax.cli import prepare as prepare_cli
 from koala_jax.cli import sample as sample_cli
-from koala_jax.cli.runner import INTERRUPTED_STATUS, TERMINATED_STATUS
+from koala_jax.cli.runner import GRACE_VARIABLE, INTERRUPTED_STATUS, TERMINATED_STATUS
 from koala_jax.data import SyntheticSource, make_train_loader, schema
 from koala_jax.errors import ConfigError
-from koala_jax.models import UNetConfig, random_params
-from koala_jax.pipelines.tiny import save_tiny_sdxl_components
+from koala_jax.files import FAULT_POINT_VARIABLE
+from koala_jax.models import UNetConfig, param_count, random_params
 from koala_jax.students import build_student, student_architecture
 from koala_jax.train import checkpoint as checkpoint_module
 from koala_jax.train.checkpoint import Checkpointer, CheckpointError, remove_unfinished, write_student_config
@@ -47,6 +52,7 @@ from tests.conftest import MICRO_TEACHER, ROOT, randomize_, run
 from tests.train_worker import micro_config
 
 TEACHER = UNetConfig.from_diffusers(MICRO_TEACHER)
+TINY_PIPELINE = ROOT / "assets" / "tiny_world" / "teacher"
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -65,6 +71,69 @@ def one_error_line(text: str) -> str:
     return errors[0]
 
 
+# A child's Ctrl-C raises KeyboardInterrupt even where pytest runs with SIGINT ignored (a background job of a
+# non-interactive shell): an ignored signal is inherited through exec, Python then installs no handler for it, and
+# a SIGINT does nothing (the status is 0, not 130).
+USUAL_SIGINT = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+)
+BOUND_S = 20  # a command signalled at a fault point ends well within this (the watchdog's grace is 3 s)
+
+
+def script(name: str, *args: object) -> list[str]:
+    """`python <name> <args>` run from the repository, with SIGINT handled as usual (USUAL_SIGINT)."""
+    return [sys.executable, "-c", USUAL_SIGINT, name, *map(str, args)]
+
+
+def start_at_fault(command: list[str], fault: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """Start `command` with KOALA_FAULT_POINT=`fault` and return (the process, its stderr so far) once it announces
+    the last point `fault` names (or ends without reaching it)."""
+    last = fault.split(",")[-1].partition(":")[0].partition("@")[0]
+    proc = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env={**(env or os.environ), FAULT_POINT_VARIABLE: fault},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seen = []
+    while (line := read_line(proc.stderr.fileno())) and line != f"fault point {last} reached\n":
+        seen.append(line)
+    return proc, "".join(seen) + line
+
+
+def read_line(fd: int) -> str:
+    """One line read from `fd` byte by byte: nothing after it is taken from the pipe (`communicate` reads the
+    rest from the same file descriptor; a buffered reader could keep the lines that follow)."""
+    data = b""
+    while not data.endswith(b"\n") and (byte := os.read(fd, 1)):
+        data += byte
+    return data.decode()
+
+
+@dataclass
+class Ended:
+    status: int
+    out: str
+    err: str
+    seconds: float  # from the fault point's announcement to the exit
+
+
+def stop_at_fault(
+    command: list[str], fault: str, signals: tuple[int, ...] = (), env: dict[str, str] | None = None
+) -> Ended:
+    """Run `command` to the fault point `fault`, send it `signals` there (a user's Ctrl-C, a scheduler's SIGTERM)
+    and wait for the end."""
+    proc, err = start_at_fault(command, fault, env)
+    reached = time.monotonic()
+    for signum in signals:
+        proc.send_signal(signum)
+    out, rest = proc.communicate(timeout=300)
+    return Ended(proc.returncode, out, err + rest, time.monotonic() - reached)
+
+
 @pytest.fixture(scope="module")
 def micro_json(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("teacher") / "micro.json"
@@ -77,15 +146,14 @@ def micro_json(tmp_path_factory) -> Path:
 
 def train_command(workdir: Path, teacher: str, *overrides: str) -> list[str]:
     """`python train.py` on the micro config of tests/train_worker.py with teacher.source `teacher`."""
-    return [
-        sys.executable,
+    return script(
         "train.py",
         "--config",
         "tests/train_worker.py",
         f"--config.workdir={workdir}",
         f"--config.teacher.source={teacher}",
         *overrides,
-    ]
+    )
 
 
 def train_env(devices: int = 1) -> dict[str, str]:
@@ -152,14 +220,14 @@ def test_preflight_lists_every_problem_of_a_config(tmp_path, micro_json):
     cfg = micro_config(str(tmp_path / "run"), str(micro_json), steps=4)
     cfg.student.variant = "koala-9b"
     cfg.optim.grad_accum, cfg.data.global_batch_size = 2, 3
-    cfg.ema_decay = 1.5
+    cfg.ema.decay = 1.5
     cfg.data.source = str(fake_prepared_dataset(tmp_path / "sdxl-data", text_dim=2048, pooled_dim=1280))
     with pytest.raises(ConfigError) as e:
         check_run(cfg)
     print(e.value)
     message = str(e.value)
     assert message.startswith("4 problems:")
-    assert "unknown student 'koala-9b'" in message and "ema_decay 1.5" in message
+    assert "unknown student 'koala-9b'" in message and "ema.decay 1.5" in message
     assert "global_batch_size 3 does not split" in message and "use a multiple of 2" in message
     assert "was encoded for another teacher: text embedding width 2048 (the teacher takes 16)" in message
     assert not (tmp_path / "run").exists()
@@ -265,7 +333,7 @@ def test_no_readable_checkpoint_is_one_error_and_moves_nothing(run_copy):
 def test_checkpoint_of_another_student_is_refused_by_name(run_copy):
     with pytest.raises(ConfigError, match="(?s)does not fit this run's student.*missing key 'mid_block"):
         Checkpointer(run_copy, every=1, keep=10).restore_newest(abstract_state("koala-1b"), micro_loader(), print)
-    with pytest.raises(ConfigError, match="has its EMA params but ema_decay is None"):
+    with pytest.raises(ConfigError, match="has its EMA params but ema.decay is None"):
         Checkpointer(run_copy, every=1, keep=10).restore_newest(abstract_state(ema=False), micro_loader(), print)
 
 
@@ -400,15 +468,114 @@ def test_the_jax_pipelines_down_cast_refuses_an_overflow_by_name():
     assert cast(params, np.float32)["conv_in"]["kernel"][1] == -7e4  # the same values fit float32
 
 
-@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, TERMINATED_STATUS), (signal.SIGINT, INTERRUPTED_STATUS)])
-def test_a_signal_during_a_write_leaves_no_temporary_output(params_dir, tmp_path, capsys, monkeypatch, signum, status):
-    """SIGTERM used to kill the converter on the spot, leaving <out>.tmp-* behind."""
-    from koala_jax.cli import convert
+@pytest.fixture
+def old_output(params_dir, tmp_path) -> Path:
+    """An output that `to-jax --overwrite` is to replace: an interrupted replacement must leave it as it was."""
+    return Path(shutil.copytree(params_dir, tmp_path / "out"))
 
-    monkeypatch.setattr(convert, "write_card", lambda *a: os.kill(os.getpid(), signum))  # once the weights are out
-    assert run("to-diffusers", "--checkpoint", params_dir, "--out", tmp_path / "out") == status
-    assert one_error_line(capsys.readouterr().err) in ("error: terminated (SIGTERM)", "error: interrupted")
-    assert list(tmp_path.iterdir()) == []
+
+def to_jax_over(out: Path, micro_json: Path) -> list[str]:
+    return script("convert_weights.py", "to-jax", "--src", f"random:{micro_json}", "--out", out, "--overwrite")
+
+
+# The watchdog never ends these commands by itself: what they do after the first signal is left to them, however
+# slow the loaded machine.
+PATIENT = {**os.environ, GRACE_VARIABLE: "600"}
+
+
+def assert_left_as_it_was(out: Path, before: dict[str, str]) -> None:
+    """`out` unchanged, and nothing else beside it (no `<out>.tmp-*` or `<out>.old-*`)."""
+    assert snapshot(out) == before and [p.name for p in out.parent.iterdir()] == [out.name]
+
+
+def assert_clean_end(ended: Ended, status: int, message: str) -> None:
+    """Exit `status` within BOUND_S, one `error:` line starting with `message`, no traceback nor orbax log."""
+    line = one_error_line(ended.err)
+    print(line, f"(exit {ended.status}, {ended.seconds:.1f} s after the fault point)")
+    assert ended.status == status and line.startswith(f"error: {message}"), ended.err[-3000:]
+    assert "ERROR:" not in ended.err and "FATAL" not in ended.err and ended.seconds < BOUND_S, ended
+
+
+@pytest.mark.parametrize(
+    "fault, status, message",
+    [
+        ("params_dir.save:SIGTERM", TERMINATED_STATUS, "terminated (SIGTERM)"),  # orbax's save has begun
+        ("params_dir.write_array@2:SIGINT", INTERRUPTED_STATUS, "interrupted"),  # in orbax's writer thread
+    ],
+)
+def test_a_signal_during_a_write_leaves_no_temporary_output(old_output, micro_json, fault, status, message):
+    """Before: orbax tracebacks on 3 of 13 SIGTERMs, an abort (`FATAL: exception not rethrown`) on 1 of 12 Ctrl-Cs,
+    a temporary folder left by about half the runs (and the test raced a timer). Now orbax's save completes, then
+    the signal ends the command: the temporary folder is removed and the old output is kept."""
+    before = snapshot(old_output)
+    assert_clean_end(stop_at_fault(to_jax_over(old_output, micro_json), fault, env=PATIENT), status, message)
+    assert_left_as_it_was(old_output, before)
+
+
+def test_a_second_ctrl_c_stops_the_converter_at_once(old_output, micro_json):
+    """The first Ctrl-C waits for orbax's save, held here in its writer thread; the second ends the process on the
+    spot, still removing the temporary folder."""
+    before = snapshot(old_output)
+    fault = "params_dir.save:SIGINT,params_dir.write_array:pause"
+    ended = stop_at_fault(to_jax_over(old_output, micro_json), fault, (signal.SIGINT,), PATIENT)
+    assert_clean_end(ended, INTERRUPTED_STATUS, "interrupted again: stopped at once")
+    assert_left_as_it_was(old_output, before)
+
+
+def stuck_command(name: str, micro_json: Path, out: Path) -> tuple[list[str], str]:
+    """(command, its fault point inside a long native call: orbax's save, or the sampler, where XLA compiles)."""
+    tiny = ("--backend", "jax", "--steps", "1", "--out", out)
+    return {
+        "convert": (to_jax_over(out, micro_json), "params_dir.save"),
+        "sample": (script("sample.py", "--model", TINY_PIPELINE, "--prompt", "x", *tiny), "euler_sample"),
+        "evaluate": (script("evaluate.py", "--model", f"t={TINY_PIPELINE}", "--seeds", "0", *tiny), "euler_sample"),
+    }[name]
+
+
+@pytest.mark.parametrize(
+    "name, signum, status, message",
+    [
+        ("convert", signal.SIGTERM, TERMINATED_STATUS, "terminated (SIGTERM): stopped at once"),
+        ("sample", signal.SIGINT, INTERRUPTED_STATUS, "interrupted: stopped at once"),
+        ("evaluate", signal.SIGTERM, TERMINATED_STATUS, "terminated (SIGTERM): stopped at once"),
+    ],
+)
+def test_a_signal_ends_a_command_stuck_in_a_native_call(old_output, micro_json, name, signum, status, message):
+    """Before: a signal waited for the native call to return (an XLA compile: 48 s; sample.py ignored SIGTERM for
+    more than 4 s). Python handlers cannot run then; the runner's watchdog thread ends the command 3 s after the
+    signal with the usual status, and removes its temporary output."""
+    before = snapshot(old_output)
+    command, point = stuck_command(name, micro_json, old_output)
+    assert_clean_end(stop_at_fault(command, f"{point}:stuck", (signum,)), status, message)
+    assert_left_as_it_was(old_output, before)  # sample.py's and evaluate.py's --out: nothing written into it
+
+
+@pytest.mark.parametrize("when", ["before", "during"])
+def test_to_jax_on_a_full_disk_is_one_line(micro_json, tmp_path, monkeypatch, capsys, when):
+    """Before: over 400 lines and 33-41 tracebacks, and no `error:` line. Now the params are refused before writing
+    when they cannot fit, and a disk that fills up during orbax's write is one line as well (orbax's own logging of
+    it is silenced); no output is left. orbax's other writes may still land in the temporary folder after it is
+    removed: the next run removes what they left."""
+    exports = tmp_path / "exports"
+    out = exports / "tj"
+    needed = 4 * param_count(TEACHER)  # float32
+    command = ("to-jax", "--src", f"random:{micro_json}", "--out", out)
+    if when == "before":
+        monkeypatch.setattr(files_module, "free_bytes", lambda path: 1000)
+        assert run(*command) == 1
+        err = capsys.readouterr().err
+    else:
+        ended = stop_at_fault(script("convert_weights.py", *command), "params_dir.write_array@2:ENOSPC")
+        assert ended.status == 1 and "ERROR:" not in ended.err, ended.err[-3000:]
+        err = ended.err
+    line = one_error_line(err)
+    assert line.startswith(f"error: {out}: ") and re.search(r"needs ([\d,]+) bytes, [\d,]+ bytes free", line), line
+    assert int(re.search(r"needs ([\d,]+) bytes", line)[1].replace(",", "")) >= needed, line
+    assert not out.exists() and all(
+        p.name.startswith("tj.tmp-") for p in (exports.iterdir() if exports.exists() else [])
+    )
+    monkeypatch.undo()
+    assert run(*command) == 0 and [p.name for p in exports.iterdir()] == ["tj"]
 
 
 def test_leftovers_of_a_killed_converter_are_cleaned_by_the_next_run(params_dir, tmp_path, capsys):
@@ -428,23 +595,6 @@ def test_leftovers_of_a_killed_converter_are_cleaned_by_the_next_run(params_dir,
 
 
 # ---------------------------------------------------------------- prepare_data.py and sample.py
-
-
-@pytest.fixture(scope="module")
-def components(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny_sdxl")
-    save_tiny_sdxl_components(str(folder), seed=0)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("images")
-    for i in range(3):
-        pixels = np.random.default_rng(i).integers(0, 256, (40, 40, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"a random picture number {i}")
-    return folder
 
 
 def prepare(*argv: object) -> int:
@@ -523,46 +673,43 @@ def test_sample_mistakes_are_one_line(components, tmp_path, capsys):
 # ---------------------------------------------------------------- train.py as a process (slow)
 
 
-def start_train(workdir: Path, teacher: Path, *overrides: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        train_command(workdir, f"random:{teacher}", *overrides),
-        cwd=ROOT,
-        env=train_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def read_until(proc: subprocess.Popen, prefix: str) -> list[str]:
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith(prefix):
-            return seen
-    raise AssertionError(f"train.py ended before {prefix!r}:\n{''.join(seen)[-3000:]}\n{proc.stderr.read()[-3000:]}")
+def train_to_fault(workdir: Path, teacher: Path, fault: str, *overrides: str) -> Ended:
+    """train.py on the micro teacher, with KOALA_FAULT_POINT=`fault` (`train.step@3:SIGINT`: Ctrl-C once step 3
+    is done), to its end."""
+    return stop_at_fault(train_command(workdir, f"random:{teacher}", *overrides), fault, env=train_env())
 
 
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory, micro_json):
-    """A CLI run stopped by Ctrl-C after step 3 of 50 (checkpoints every 2 steps): (workdir, stdout, stderr,
-    exit status)."""
+    """A CLI run stopped by Ctrl-C at step 3 of 50 (checkpoints every 2 steps): (workdir, how it ended)."""
     workdir = tmp_path_factory.mktemp("interrupted") / "run"
-    proc = start_train(workdir, micro_json, "--config.total_steps=50", "--config.ckpt.every=2")
-    seen = read_until(proc, "step 3/")
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=300)
-    return workdir, "".join(seen) + out, err, proc.returncode
+    ended = train_to_fault(
+        workdir, micro_json, "train.step@3:SIGINT", "--config.total_steps=50", "--config.ckpt.every=2"
+    )
+    return workdir, ended
 
 
 @pytest.mark.slow
 def test_ctrl_c_during_training_saves_and_exits_cleanly(interrupted):
     """Before: three tracebacks, and the save in flight was abandoned."""
-    workdir, out, err, status = interrupted
-    stopped = int(out.split("stopped by SIGINT at step ")[1].split("/")[0])
-    print(out.splitlines()[-3], f"(exit {status})")
-    assert status == 0 and "Traceback" not in err and 3 <= stopped < 50
-    assert Checkpointer(workdir, every=2, keep=3).latest_step() == stopped
+    workdir, ended = interrupted
+    print(ended.out.splitlines()[-3], f"(exit {ended.status})")
+    assert ended.status == 0 and "Traceback" not in ended.err and "stopped by SIGINT at step 3/" in ended.out
+    assert Checkpointer(workdir, every=2, keep=3).latest_step() == 3
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_during_a_checkpoint_save_stops_at_once(tmp_path, micro_json):
+    """Before: the second Ctrl-C, 0.3 s after the first, was swallowed with a fragment of traceback. Now it ends
+    the run on the spot (status 130) while the save of step 3 is in flight; step 2's checkpoint is kept."""
+    workdir = tmp_path / "run"
+    fault = "train.step@3:SIGINT,checkpoint.saving@3:SIGINT"  # saves of steps 1 (the first), 2, then 3 (the stop)
+    ended = train_to_fault(workdir, micro_json, fault, "--config.total_steps=50", "--config.ckpt.every=2")
+    assert ended.status == INTERRUPTED_STATUS and "Traceback" not in ended.err, ended.err[-3000:]
+    line = one_error_line(ended.err)
+    print(line, f"(exit {ended.status}, {ended.seconds:.1f} s after the fault point)")
+    assert "interrupted again: stopped at once, without saving" in line
+    assert Checkpointer(workdir, every=2, keep=3).manager.all_steps()[:2] == [1, 2]
 
 
 @pytest.mark.slow
@@ -588,10 +735,10 @@ def test_resume_from_a_damaged_newest_checkpoint_uses_the_newest_good_one(interr
     older, newest = Checkpointer(workdir, every=2, keep=3).manager.all_steps()[-2:]
     damage_arrays(workdir, newest)
     (workdir / "checkpoints" / f"{newest + 1}.orbax-checkpoint-tmp-7").mkdir()  # a save cut short
-    proc = start_train(workdir, micro_json, "--config.total_steps=50", "--config.ckpt.every=2")
-    seen = "".join(read_until(proc, f"step {older + 1}/"))
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=300)
+    ended = train_to_fault(
+        workdir, micro_json, "train.step@1:SIGTERM", "--config.total_steps=50", "--config.ckpt.every=2"
+    )
+    seen = ended.out + ended.err
     print(seen)
     assert f"removed {newest + 1}.orbax-checkpoint-tmp-7" in seen and f"checkpoint step {newest} is damaged" in seen
     assert f"resumed from step {older}" in seen and (workdir / "damaged_checkpoints" / str(newest)).is_dir()
@@ -601,8 +748,11 @@ def test_resume_from_a_damaged_newest_checkpoint_uses_the_newest_good_one(interr
 def test_a_second_train_on_a_workdir_is_refused_and_a_killed_ones_lock_reclaimed(tmp_path, micro_json):
     """Before: no lock; the second run deleted and rewrote the first's checkpoints."""
     workdir = tmp_path / "run"
-    first = start_train(workdir, micro_json, "--config.total_steps=100000", "--config.ckpt.every=2")
-    read_until(first, "step 3/")
+    first, _ = start_at_fault(  # it holds the workdir, paused after step 3
+        train_command(workdir, f"random:{micro_json}", "--config.total_steps=100", "--config.ckpt.every=2"),
+        "train.step@3:pause",
+        env=train_env(),
+    )
     second = subprocess.run(
         train_command(workdir, f"random:{micro_json}", "--config.total_steps=100000"),
         cwd=ROOT,
@@ -630,17 +780,17 @@ def test_a_second_train_on_a_workdir_is_refused_and_a_killed_ones_lock_reclaimed
 
 @pytest.mark.slow
 def test_disk_full_during_an_async_save_stops_with_one_line(tmp_path, micro_json):
-    """Writes fail once the run has two checkpoints (a file size limit stands in for a full disk). Before:
-    training went on, ~8,000 lines of tracebacks at the next save, and *.orbax-checkpoint-tmp stayed."""
+    """Writes fail from the third save on (step 4, after those of steps 1 and 2; a file size limit stands in for a
+    full disk). Before: training
+    went on, ~8,000 lines of tracebacks at the next save, and *.orbax-checkpoint-tmp stayed."""
     workdir = tmp_path / "run"
-    proc = start_train(workdir, micro_json, "--config.total_steps=1000", "--config.ckpt.every=2")
-    read_until(proc, "step 3/")
-    kept = Checkpointer(workdir, every=2, keep=3).manager.all_steps()
-    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (1000, 1000))
-    out, err = proc.communicate(timeout=300)
-    line = one_error_line(err)
-    print(line, f"({len(err.splitlines())} line(s) of stderr)")
-    assert proc.returncode == 1 and "failed: File too large" in line and "newest complete checkpoint is step" in line
-    assert len(err.splitlines()) == 1
-    assert set(kept) <= set(Checkpointer(workdir, every=2, keep=3).manager.all_steps())
+    ended = train_to_fault(
+        workdir, micro_json, "checkpoint.save@3:EFBIG", "--config.total_steps=1000", "--config.ckpt.every=2"
+    )
+    line = one_error_line(ended.err)
+    print(line, f"({len(ended.err.splitlines())} line(s) of stderr)")
+    assert ended.status == 1 and "checkpoint step 4" in line and "failed: File too large" in line
+    assert "newest complete checkpoint is step 2" in line
+    assert ended.err.splitlines() == ["fault point checkpoint.save reached", line]
+    assert Checkpointer(workdir, every=2, keep=3).manager.all_steps() == [1, 2]
     assert not list((workdir / "checkpoints").glob("*.orbax-checkpoint-tmp*"))

@@ -16,7 +16,7 @@ from PIL import Image
 from koala_jax.cli import sample
 from koala_jax.pipelines.sampling import PRESETS, make_scheduler
 
-from tests.conftest import build_teacher_pipeline, run
+from tests.conftest import ROOT, build_teacher_pipeline, run
 
 
 @pytest.fixture(autouse=True)
@@ -123,3 +123,53 @@ def test_presets_and_overrides():
 def test_missing_model_is_one_error(tmp_path, capsys):
     assert sample.main(["--model", str(tmp_path / "nope"), "--prompt", "x"]) == 1
     assert capsys.readouterr().err.splitlines()[-1].startswith(f"error: {tmp_path / 'nope'}")
+
+
+TINY_WORLD_TEACHER = ROOT / "assets" / "tiny_world" / "teacher"  # sample_size 16, VAE factor 4
+
+
+def configs_only(folder: Path, sample_size: int, vae_blocks: int) -> Path:
+    """The tiny-world teacher's U-Net and VAE configs (no weights) with another sample_size and VAE depth: what
+    the size defaults read."""
+    for part, changes in (
+        ("unet", {"sample_size": sample_size}),
+        ("vae", {"block_out_channels": [16] * vae_blocks, "down_block_types": ["DownEncoderBlock2D"] * vae_blocks}),
+    ):
+        config = json.loads((TINY_WORLD_TEACHER / part / "config.json").read_text()) | changes
+        if part == "vae":
+            config["up_block_types"] = ["UpDecoderBlock2D"] * vae_blocks
+        (folder / part).mkdir(parents=True)
+        (folder / part / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def settings_for(*argv: str) -> tuple[int, int]:
+    args = sample.build_parser().parse_args([*argv, "--prompt", "x", "--backend", "jax"])
+    settings, _ = sample.check_arguments(args)
+    return settings.height, settings.width
+
+
+def test_images_default_to_the_models_own_size(tmp_path):
+    """Issue 22: the tiny pipeline drew at the koala preset's 1024 px (14 minutes); now at its own 64 px, as
+    diffusers does, with any preset. Full-size models keep the preset's (the paper's) size, and given sizes win."""
+    tiny = str(TINY_WORLD_TEACHER)
+    for preset in PRESETS:
+        assert settings_for("--model", tiny, "--preset", preset) == (64, 64)
+    assert settings_for("--model", tiny, "--height", "32") == (32, 64)
+    full = str(configs_only(tmp_path / "full", sample_size=128, vae_blocks=4))  # SDXL: 128 x 8
+    assert settings_for("--model", full) == (1024, 1024)
+    assert settings_for("--model", full, "--preset", "turbo") == (512, 512)
+    assert settings_for("--model", full, "--width", "768") == (1024, 768)
+    half = str(configs_only(tmp_path / "half", sample_size=64, vae_blocks=4))  # SDXL-Turbo's own 512 px
+    assert settings_for("--model", half, "--preset", "lightning") == (512, 512)
+
+
+def test_a_model_without_a_readable_size_asks_for_one(tmp_path, capsys):
+    folder = configs_only(tmp_path / "no_size", sample_size=16, vae_blocks=3)
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    del config["sample_size"]
+    (folder / "unet" / "config.json").write_text(json.dumps(config))
+    assert sample.main(["--model", str(folder), "--prompt", "x", "--backend", "jax"]) == 1
+    err = capsys.readouterr().err
+    assert "has no sample_size" in err and "give --height and --width" in err
+    assert settings_for("--model", str(folder), "--height", "32", "--width", "32") == (32, 32)

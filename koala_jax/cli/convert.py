@@ -20,18 +20,18 @@ exit with status 1.
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from koala_jax.cli.requires import require_torch
 from koala_jax.cli.runner import make_parser, run
 from koala_jax.dtypes import NAMES as DTYPE_NAMES
 from koala_jax.dtypes import dtype, short_name
 from koala_jax.errors import ConvertError
+from koala_jax.files import check_free_space, disk_full_as, write_json
 from koala_jax.models import UNetConfig
 from koala_jax.models.init import describe
 from koala_jax.students import STUDENT_VARIANTS, build_student, student_architecture
@@ -41,6 +41,7 @@ from koala_jax.weights.atomic import atomic_output_dir, check_output_free
 from koala_jax.weights.export import (
     check_pipeline,
     check_single_file_pipeline,
+    export_bytes,
     materialize,
     write_jax,
     write_pipeline,
@@ -49,10 +50,11 @@ from koala_jax.weights.export import (
 )
 from koala_jax.weights.model_card import CARD_NAME, CardFacts, push_to_hub, single_file_card_path, write_card
 from koala_jax.weights.params_dir import write_params
+from koala_jax.weights.single_file import is_pickle_source
+from koala_jax.weights.sources import is_hub_id
 from koala_jax.weights.training_run import checkpoint_steps, is_training_dir, restore_newest_params
 
 STUDENT_INIT = "student_init.json"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def _source_options(parser: argparse.ArgumentParser) -> None:
@@ -132,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     _publish_options(to_diffusers)
 
     single = commands.add_parser(
-        "to-single-file", help="any source -> one original-format .safetensors file (ComfyUI, A1111)"
+        "to-single-file", help="any source -> one original-format .safetensors file (ComfyUI; docs/convert.md)"
     )
     _run_options(single, "also write the VAE and both text encoders into the file,")
     _source_options(single)
@@ -160,7 +162,10 @@ def write_output(
     pipeline = Path(args.pipeline) if getattr(args, "pipeline", None) else None
     if pipeline:
         check_pipeline(pipeline, config)  # Fail before any expensive writing.
-    with atomic_output_dir(args.out, args.overwrite) as tmp:
+    needed = export_bytes(config, cast, pipeline) + (export_bytes(config, cast) if fmt == "both" else 0)
+    out = Path(args.out).absolute()
+    check_free_space(out, needed, "the export")
+    with disk_full_as(out, needed), atomic_output_dir(out, args.overwrite) as tmp:
         if fmt == "both":
             params = materialize(params, cast, where)
             write_params(tmp / "jax", params, config)
@@ -171,10 +176,10 @@ def write_output(
         else:
             write_unet_folder(tmp / "unet" if fmt == "both" else tmp, config, params, cast, where)
         if extra is not None:
-            (tmp / STUDENT_INIT).write_text(json.dumps(extra, indent=2) + "\n")
+            write_json(tmp / STUDENT_INIT, extra)
         if card is not None:
             write_card(tmp / CARD_NAME, card)
-    return Path(args.out).absolute()
+    return out
 
 
 def _count(params: dict) -> int:
@@ -183,7 +188,7 @@ def _count(params: dict) -> int:
 
 def _base_model(args: argparse.Namespace, teacher: str | None) -> str | None:
     """The card's base_model: --base-model, else a teacher given as a hub id."""
-    return args.base_model or (teacher if teacher and _HUB_ID.match(teacher) and not Path(teacher).exists() else None)
+    return args.base_model or (teacher if teacher and is_hub_id(teacher) and not Path(teacher).exists() else None)
 
 
 def _card(args: argparse.Namespace, config: UNetConfig, kind: str, source: str, **facts) -> CardFacts:
@@ -304,8 +309,11 @@ def cmd_to_single_file(args: argparse.Namespace) -> None:
     kind = "single-file-pipeline" if pipeline else "single-file-unet"
     card = _card(args, config, kind, args.checkpoint, training=_training_facts(args, step))
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_single_file(out, config, params, dtype(args.dtype), pipeline, args.checkpoint)
-    write_card(single_file_card_path(out), card)
+    needed = export_bytes(config, dtype(args.dtype), pipeline, single_file=True)
+    check_free_space(out, needed, "the export")
+    with disk_full_as(out, needed):
+        write_single_file(out, config, params, dtype(args.dtype), pipeline, args.checkpoint)
+        write_card(single_file_card_path(out), card)
     print(f"wrote single file ({'U-Net, VAE, text encoders' if pipeline else 'U-Net'}, {args.dtype}) to {out}")
     _publish(args, out, single_file=True)
 
@@ -325,9 +333,27 @@ COMMANDS = {
 }
 
 
+# The argument that names each command's weights source.
+SOURCE_ARGS = {
+    "to-jax": "src",
+    "student": "teacher",
+    "to-diffusers": "checkpoint",
+    "to-single-file": "checkpoint",
+    "info": "target",
+}
+
+
+def require_torch_for_pickles(args: argparse.Namespace) -> None:
+    """A pickle source is read with torch.load: without torch, that is one line before anything is read."""
+    src = getattr(args, SOURCE_ARGS[args.command])
+    if args.allow_pickle and is_pickle_source(src):
+        require_torch(f"--allow-pickle ({src} is a torch pickle)", "a .safetensors copy of it, which needs no torch")
+
+
 def convert(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
+    require_torch_for_pickles(args)
     if args.command != "info":
         check_output_free(args.out, args.overwrite)  # Before reading gigabytes; again before writing.
     COMMANDS[args.command](args)

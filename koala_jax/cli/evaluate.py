@@ -12,7 +12,11 @@ relations) are scored by the world's detector (attribute accuracy).
 
 Real SDXL-family models: --prompts-file (one prompt per line) instead of a world set, and any of --clip DIR (CLIP
 score with a local CLIP folder), --fid-reference DIR (FID against a folder of reference images) and
---hps-checkpoint FILE --allow-pickle (HPSv2), each an extra column. Every path is checked before a model is loaded.
+--hps-checkpoint FILE --allow-pickle (HPSv2), each an extra column; these metrics and --backend diffusers need
+PyTorch, the rest runs without it. Every path and value is checked before a model is loaded (steps 1..1000,
+guidance 0..100, seeds from 0, the size a multiple of the VAE factor, and of 8 for diffusers), and every missing
+metric folder or file is named at once. The grid (grid.png) has one row per prompt and a group of columns per
+model, one column per seed.
 
     python evaluate.py --model koala=export/koala-700m --model sdxl=stable-diffusion-xl-base-1.0 \\
         --prompts-file prompts.txt --seeds 0 --size 1024 --steps 25 --clip clip-vit-large-patch14 \\
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from koala_jax.cli.requires import require_torch
 from koala_jax.cli.runner import make_parser, run
 from koala_jax.data import world
 from koala_jax.errors import ConfigError, MissingPathError
@@ -32,8 +37,9 @@ from koala_jax.evaluation.generators import BACKENDS, load_generator
 from koala_jax.evaluation.real_metrics import CLIP_REPO, RealMetricInputs, score_models
 from koala_jax.evaluation.report import markdown_table
 from koala_jax.evaluation.text_eval import evaluate_texts
-from koala_jax.pipelines.sampling import Settings
-from koala_jax.weights.pipeline_dir import default_image_size, is_pipeline_dir
+from koala_jax.files import read_prompts_file
+from koala_jax.pipelines.sampling import GUIDANCE_RANGE, MAX_SIDE, MAX_STEPS, Settings, range_problem, setting_problems
+from koala_jax.weights.pipeline_dir import default_image_size, is_pipeline_dir, vae_factor
 from koala_jax.weights.training_run import is_training_dir
 
 
@@ -48,15 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fid-reference", metavar="DIR", help="a folder of reference images (png/jpg/webp): FID")
     parser.add_argument("--hps-checkpoint", metavar="FILE", help="HPS_v2.1_compressed.pt (needs hpsv2): HPSv2")
     parser.add_argument("--allow-pickle", action="store_true", help="let hpsv2 load its checkpoint (a pickle)")
-    parser.add_argument("--seeds", default="0,1", help="comma-separated seeds; every prompt is drawn with each")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument(
+        "--seeds",
+        default="0,1",
+        help="comma-separated distinct seeds, each at least 0; every prompt is drawn with each",
+    )
+    parser.add_argument("--steps", type=int, default=20, help=f"1..{MAX_STEPS}")
+    parser.add_argument("--guidance", type=float, default=5.0, help="{:g}..{:g}".format(*GUIDANCE_RANGE))
     parser.add_argument("--scheduler", default="euler", choices=("euler", "euler-trailing"))
     parser.add_argument(
-        "--size", type=int, help="image side in pixels (default: the pipeline's U-Net sample_size x VAE factor)"
+        "--size",
+        type=int,
+        help=f"image side in pixels, up to {MAX_SIDE} (default: the pipeline's U-Net sample_size x VAE factor)",
     )
-    parser.add_argument("--backend", choices=BACKENDS, default="jax")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--backend", choices=BACKENDS, default="jax", help="jax (no torch needed) or diffusers")
+    parser.add_argument("--batch-size", type=int, default=16, help="at least 1")
     parser.add_argument("--out", required=True, help="folder for report.json, report.md and grid.png")
     return parser
 
@@ -84,27 +96,20 @@ def parse_models(specs: list[str], pipeline: str | None) -> dict[str, tuple[str,
 
 
 def parse_seeds(text: str) -> list[int]:
+    """The seeds of `--seeds`: integers, at least 0 (the noise generator's domain), each once (a seed twice would
+    draw the same images twice)."""
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError as e:
         raise ConfigError(f"--seeds {text!r}: comma-separated integers expected") from e
     if not seeds:
         raise ConfigError("--seeds: give at least one seed")
+    negative = [str(s) for s in seeds if s < 0]
+    if negative:
+        raise ConfigError(f"--seeds {text}: seeds must be at least 0, not {', '.join(negative)}")
+    if len(set(seeds)) < len(seeds):
+        raise ConfigError(f"--seeds {text}: give each seed once")
     return seeds
-
-
-def read_prompts_file(path: str) -> list[str]:
-    """The non-empty lines of a UTF-8 text file (a byte-order mark is allowed), stripped."""
-    if not Path(path).is_file():
-        raise MissingPathError(f"--prompts-file {path}: no such file")
-    try:
-        text = Path(path).read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"--prompts-file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise ConfigError(f"--prompts-file {path}: no prompts (one per line)")
-    return prompts
 
 
 def parse_prompts(args: argparse.Namespace) -> tuple[list[world.Prompt] | None, list[str]]:
@@ -130,10 +135,35 @@ def real_metric_inputs(args: argparse.Namespace) -> RealMetricInputs:
     return inputs
 
 
+def require_torch_for(args: argparse.Namespace) -> None:
+    """One line, before anything else, when what was asked for needs PyTorch and it is not installed."""
+    if args.backend == "diffusers":
+        require_torch("--backend diffusers", "--backend jax (the default), which needs no torch")
+    metrics = {"--clip": args.clip, "--fid-reference": args.fid_reference, "--hps-checkpoint": args.hps_checkpoint}
+    asked = [flag for flag, value in metrics.items() if value is not None]
+    if asked:
+        require_torch(f"{', '.join(asked)} (real-model metrics)", "a world prompt set, scored without torch")
+
+
+def checked_settings(args: argparse.Namespace, models: dict[str, tuple[str, str | None]]) -> Settings:
+    """The sampling settings with every value in range and the size drawable by the backend with each model's
+    VAE: the model's own size by default (configs only, before any model loads; all problems in one error)."""
+    pipelines = list(dict.fromkeys(pipeline for pipeline, _ in models.values()))
+    size = default_image_size(pipelines[0]) if args.size is None else args.size
+    settings = Settings(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, height=size, width=size)
+    flags = {"steps": "--steps", "guidance": "--guidance", "height": "--size", "width": "--size"}
+    problems = [range_problem("--batch-size", args.batch_size, 1)]
+    for pipeline in pipelines:
+        problems += setting_problems(settings, args.backend, vae_factor(pipeline), flags)
+    problems = list(dict.fromkeys(p for p in problems if p))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return settings
+
+
 def evaluate(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    if args.steps < 1 or args.batch_size < 1 or (args.size is not None and args.size < 1):
-        raise ConfigError(f"--steps {args.steps}, --batch-size {args.batch_size} and --size must be positive")
+    require_torch_for(args)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ConfigError(f"--out {args.out} is a file, not a folder")
     world_prompts, texts = parse_prompts(args)
@@ -141,9 +171,8 @@ def evaluate(argv: list[str]) -> int:
     if args.pipeline and not is_pipeline_dir(args.pipeline):
         raise MissingPathError(f"--pipeline {args.pipeline}: not a diffusers pipeline folder (no model_index.json)")
     models = parse_models(args.model, args.pipeline)
+    settings = checked_settings(args, models)
     metrics = real_metric_inputs(args)
-    size = args.size or default_image_size(next(iter(models.values()))[0])
-    settings = Settings(steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, height=size, width=size)
     generators = {
         name: load_generator(
             args.backend,
@@ -162,7 +191,7 @@ def evaluate(argv: list[str]) -> int:
     if metrics.names():
         item_prompts = [item["prompt"] for item in report.items]
         report.add_metrics(score_models(report.images, item_prompts, metrics, args.batch_size), metrics.names())
-    report.write(Path(args.out), {**vars(args), "size": size})
+    report.write(Path(args.out), {**vars(args), "size": settings.height})
     print(markdown_table(report.rows(), report.columns))
     print(f"wrote report.json, report.md and grid.png to {Path(args.out).absolute()}")
     return 0

@@ -15,6 +15,7 @@ import argparse
 import logging
 import math
 
+from koala_jax.cli.requires import require_torch, torch_available
 from koala_jax.cli.runner import make_parser, run
 from koala_jax.data import ingest
 from koala_jax.errors import ConfigError, KoalaError
@@ -87,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument(
         "--backend",
         choices=("torch", "jax"),
-        default="torch",
-        help="encoders: diffusers/transformers (torch) or our Flax modules (jax: no torch, all local devices)",
+        default=None,
+        help="encoders: diffusers/transformers (torch; the default where torch is installed) or our Flax modules "
+        "(jax: no torch, all local devices; the default without torch)",
     )
     encode.add_argument(
         "--dtype",
@@ -140,8 +142,21 @@ def task_share(args: argparse.Namespace) -> tuple[int, int]:
     return (index if given[0] is None else given[0], count if given[1] is None else given[1])
 
 
+def choose_backend(args: argparse.Namespace) -> str:
+    """--backend as given (torch refused in one line when it is not installed), else torch where it is installed
+    (or where a torch-only flag asks for it) and the JAX backend, which gives the same records, where it is not."""
+    if args.backend is None and not (torch_available() or args.device or args.torch_threads):
+        print("note: torch is not installed: encoding with --backend jax (the same records within float16 rounding)")
+        return "jax"
+    backend = args.backend or "torch"
+    if backend == "torch":
+        require_torch("--backend torch", "--backend jax, which needs no torch")
+    return backend
+
+
 def prepare(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    args.backend = choose_backend(args)
     if args.backend == "jax" and (args.device or args.torch_threads):
         raise ConfigError("--device and --torch-threads are for --backend torch")
     if args.distributed and args.backend != "jax":

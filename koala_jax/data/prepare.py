@@ -29,12 +29,19 @@ from typing import Any
 import numpy as np
 from array_record.python import array_record_module
 
+from koala_jax.console import Progress
 from koala_jax.data import ingest, schema
 from koala_jax.errors import ConfigError, DataError
+from koala_jax.files import disk_full_as, write_json
+from koala_jax.models.vae import VAEConfig
+from koala_jax.weights import pipeline_dir
 
 log = logging.getLogger(__name__)
 SHARD_REPORTS_DIR = "_shard_reports"
 BACKENDS = ("torch", "jax")
+# Larger squares cannot be encoded in one piece by a VAE on any current accelerator (a 100000 px image alone is
+# 120 GB of float32 pixels): refused before anything is loaded.
+MAX_RESOLUTION = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +81,8 @@ class PrepareConfig:
             )
             if value < low
         ]
+        if self.resolution > MAX_RESOLUTION:
+            found.append(f"resolution {self.resolution} is above {MAX_RESOLUTION} (SDXL's own is 1024)")
         if self.task_count >= 1 and not 0 <= self.task_index < self.task_count:
             found.append(f"task_index {self.task_index} not in [0, {self.task_count})")
         try:
@@ -100,11 +109,6 @@ class PrepareConfig:
 TEACHER_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 
-def vae_factor(block_out_channels: Sequence[int]) -> int:
-    """Pixels per latent along each side of a diffusers AutoencoderKL (8 for SDXL's VAE)."""
-    return 2 ** (len(block_out_channels) - 1)
-
-
 def teacher_vae_factor(teacher: str) -> int:
     """The VAE factor of a teacher folder that has every part preparation loads (its configs only)."""
     if not os.path.isdir(teacher):
@@ -112,12 +116,12 @@ def teacher_vae_factor(teacher: str) -> int:
     missing = [part for part in TEACHER_PARTS if not os.path.isdir(os.path.join(teacher, part))]
     if missing:
         raise DataError(f"teacher {teacher}: no {', '.join(m + '/' for m in missing)} (not a diffusers SDXL folder?)")
-    path = os.path.join(teacher, "vae", "config.json")
     try:
-        with open(path) as f:
-            return vae_factor(json.load(f)["block_out_channels"])
+        return pipeline_dir.vae_factor(teacher)
     except (OSError, ValueError, KeyError) as e:
-        raise DataError(f"{path}: not a readable AutoencoderKL config ({e})") from e
+        raise DataError(
+            f"{os.path.join(teacher, 'vae', 'config.json')}: not a readable AutoencoderKL config ({e})"
+        ) from e
 
 
 def set_torch_threads(n: int) -> None:
@@ -174,7 +178,7 @@ class TeacherEncoders:
         return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        factor = vae_factor(self.vae.config.block_out_channels)
+        factor = VAEConfig.from_diffusers(dict(self.vae.config)).downscale_factor
         if resolution % factor:
             raise DataError(f"resolution {resolution} is not a multiple of the VAE's {factor}")
         side = resolution // factor
@@ -227,19 +231,16 @@ class TeacherEncoders:
         return prompt_embeds.float().cpu().numpy(), pooled.float().cpu().numpy()
 
 
-def _atomic_write_json(path: str, tmp_dir: str, data: Any) -> None:
-    tmp_path = os.path.join(tmp_dir, os.path.basename(path))
-    with open(tmp_path, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp_path, path)
-
-
 class _ShardWriter:
-    """Writes shards of one output folder: temporary name first, rename when complete."""
+    """Writes shards of one output folder: temporary name first, rename when complete. The settings the shards are
+    made with are recorded with the first one (a run stopped before any shard exists leaves nothing that binds a
+    rerun to its settings)."""
 
-    def __init__(self, output_dir: str, num_shards: int):
+    def __init__(self, output_dir: str, num_shards: int, settings: dict[str, Any], record_bytes: int):
         self.output_dir = output_dir
         self.num_shards = num_shards
+        self.settings = settings
+        self.record_bytes = record_bytes  # About the size of one record: what a shard needs, with its input count.
         self.tmp_dir = os.path.join(output_dir, schema.INCOMPLETE_DIR)
         self.reports_dir = os.path.join(output_dir, SHARD_REPORTS_DIR)
         os.makedirs(self.tmp_dir, exist_ok=True)
@@ -259,21 +260,32 @@ class _ShardWriter:
         with open(self.report_path(shard)) as f:
             return ingest.IngestReport.from_dict(json.load(f))
 
-    def write(self, shard: int, records: Iterator[bytes], report: ingest.IngestReport) -> None:
+    def write(self, shard: int, records: Iterator[bytes], report: ingest.IngestReport, num_inputs: int) -> None:
+        """Write shard `shard` (up to `num_inputs` records) whole or not at all: a failure, a signal or a full disk
+        (one DiskFullError naming the shard) leaves no partial file behind."""
         tmp_path = os.path.join(self.tmp_dir, os.path.basename(self.path(shard)))
-        # group_size:1 makes every record its own chunk: cheap random access for grain.
-        writer = array_record_module.ArrayRecordWriter(tmp_path, "group_size:1")
-        for record in records:
-            writer.write(record)
-        writer.close()
-        _atomic_write_json(self.report_path(shard), self.tmp_dir, report.to_dict())
-        os.replace(tmp_path, self.path(shard))
+        try:
+            with disk_full_as(self.path(shard), self.record_bytes * num_inputs):
+                # group_size:1 makes every record its own chunk: cheap random access for grain.
+                writer = array_record_module.ArrayRecordWriter(tmp_path, "group_size:1")
+                try:
+                    for record in records:
+                        writer.write(record)
+                finally:
+                    writer.close()
+                record_settings(self.output_dir, self.settings)
+                write_json(self.report_path(shard), report.to_dict())
+                os.replace(tmp_path, self.path(shard))
+        finally:
+            if os.path.exists(tmp_path):
+                os.remove(tmp_path)
 
 
 def check_settings(output_dir: str, settings: dict[str, Any]) -> None:
     """Refuse to mix shards made with different inputs or settings in one folder (reads only)."""
     path = os.path.join(output_dir, schema.PREPARE_CONFIG_FILE)
-    if os.path.exists(path):
+    # Without a complete shard the folder binds nothing (a folder of an older version records its settings first).
+    if os.path.exists(path) and schema.complete_shards(output_dir):
         with open(path) as f:
             stored = json.load(f)
         changed = sorted(k for k in settings.keys() | stored.keys() if settings.get(k) != stored.get(k))
@@ -286,10 +298,11 @@ def check_settings(output_dir: str, settings: dict[str, Any]) -> None:
 
 
 def record_settings(output_dir: str, settings: dict[str, Any]) -> None:
-    """Write the settings the shards are made with, once the encoders are loaded (the first shard follows)."""
+    """Write the settings the shards are made with, just before the first shard appears (`check_settings` has
+    refused other settings already, so an existing file with complete shards beside it holds these)."""
     path = os.path.join(output_dir, schema.PREPARE_CONFIG_FILE)
-    if not os.path.exists(path):
-        _atomic_write_json(path, os.path.join(output_dir, schema.INCOMPLETE_DIR), settings)
+    if not os.path.exists(path) or not schema.complete_shards(output_dir):
+        write_json(path, settings)
 
 
 class _Progress:
@@ -395,9 +408,9 @@ def _finalize(writer: _ShardWriter, features: Any, collection: ingest.Collection
         shard_report = writer.read_report(shard)
         lengths.append(shard_report.kept)
         report.merge(shard_report)
-    schema.write_tfds_metadata(writer.output_dir, features, lengths)
-    report_path = os.path.join(writer.output_dir, schema.PREPARE_REPORT_FILE)
-    _atomic_write_json(report_path, writer.tmp_dir, report.to_dict())
+    with disk_full_as(writer.output_dir):
+        schema.write_tfds_metadata(writer.output_dir, features, lengths)
+    write_json(os.path.join(writer.output_dir, schema.PREPARE_REPORT_FILE), report.to_dict())
     return report
 
 
@@ -412,10 +425,11 @@ def prepare_dataset(collection: ingest.Collection, config: PrepareConfig) -> ing
     settings = config.content_settings(collection)
     check_settings(config.output_dir, settings)
     encoders = make_encoders(config)
-    features = schema.record_features(encoders.latent_shape(config.resolution), encoders.text_dim, encoders.pooled_dim)
+    latent_shape = encoders.latent_shape(config.resolution)
+    features = schema.record_features(latent_shape, encoders.text_dim, encoders.pooled_dim)
     num_shards = math.ceil(len(collection) / config.records_per_shard)
-    writer = _ShardWriter(config.output_dir, num_shards)
-    record_settings(config.output_dir, settings)
+    record_bytes = 2 * (math.prod(latent_shape) + schema.TEXT_LENGTH * encoders.text_dim + encoders.pooled_dim)
+    writer = _ShardWriter(config.output_dir, num_shards, settings, record_bytes)
     null_embeds, null_pooled = encoders.encode_captions([""])
     schema.save_null_embeddings(config.output_dir, null_embeds[0], null_pooled[0])
     mine = range(config.task_index, num_shards, config.task_count)
@@ -424,8 +438,10 @@ def prepare_dataset(collection: ingest.Collection, config: PrepareConfig) -> ing
     with concurrent.futures.ThreadPoolExecutor(config.num_threads) as pool:
         encoder = _ShardEncoder(collection, config, encoders, features.serialize_example, pool)
         progress = _Progress(sum(len(encoder.inputs(k)) for k in todo))
-        for shard in todo:
-            report = ingest.IngestReport()
-            writer.write(shard, encoder.records(shard, report), report)
-            progress.shard_done(shard, num_shards, report)
+        with Progress(progress.num_inputs, "encoding", unit="img") as bar:  # a bar on a terminal only
+            for shard in todo:
+                report = ingest.IngestReport()
+                writer.write(shard, encoder.records(shard, report), report, len(encoder.inputs(shard)))
+                progress.shard_done(shard, num_shards, report)
+                bar.update(report.total)
     return _finalize(writer, features, collection)

@@ -8,6 +8,7 @@ reads them as well as our grain loader does. No torch here.
 
 from __future__ import annotations
 
+import glob
 import os
 from collections.abc import Sequence
 
@@ -15,6 +16,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from koala_jax.errors import MissingPathError
+from koala_jax.files import atomic_write
 
 DATASET_NAME = "koala_latents"
 SPLIT = "train"
@@ -49,6 +51,12 @@ def record_features(latent_shape: Sequence[int], text_dim: int, pooled_dim: int)
 def shard_filename(index: int, num_shards: int) -> str:
     """The tfds name of shard `index`, so the default tfds template finds it."""
     return f"{DATASET_NAME}-{SPLIT}.{FILE_FORMAT}-{index:05d}-of-{num_shards:05d}"
+
+
+def complete_shards(data_dir: str) -> list[str]:
+    """The names of the complete shards in `data_dir` (a shard appears under its name only when complete)."""
+    pattern = f"{DATASET_NAME}-{SPLIT}.{FILE_FORMAT}-*-of-*"
+    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(data_dir), pattern)))
 
 
 def shard_template(data_dir: str) -> tfds.core.ShardedFileTemplate:
@@ -89,16 +97,13 @@ def read_tfds_info(data_dir: str) -> tuple[tfds.features.FeaturesDict, list[int]
 
 
 def save_null_embeddings(data_dir: str, prompt_embeds: np.ndarray, pooled: np.ndarray) -> None:
-    """Store the empty caption's embeddings, stored as float16 like the records."""
-    path = os.path.join(data_dir, NULL_EMBEDDINGS_FILE)
-    tmp_path = os.path.join(data_dir, INCOMPLETE_DIR, NULL_EMBEDDINGS_FILE)
-    with open(tmp_path, "wb") as f:
+    """Store the empty caption's embeddings, stored as float16 like the records (whole or not at all)."""
+    with atomic_write(os.path.join(data_dir, NULL_EMBEDDINGS_FILE), "wb") as f:
         np.savez(
             f,
             prompt_embeds=prompt_embeds.astype(np.float16),
             pooled_prompt_embeds=pooled.astype(np.float16),
         )
-    os.replace(tmp_path, path)
 
 
 def load_null_embeddings(data_dir: str) -> dict[str, np.ndarray]:

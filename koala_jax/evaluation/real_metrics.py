@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from koala_jax.errors import ConfigError, DataError, MissingPathError
+from koala_jax.errors import ConfigError, DataError, KoalaError, MissingPathError
 
 CLIP_REPO = "openai/clip-vit-large-patch14"
 # Files a transformers CLIP folder needs, each as alternatives (older and newer layouts).
@@ -188,7 +188,7 @@ def read_image(path: Path, width: int, height: int) -> np.ndarray:
         with Image.open(path) as image:
             rgb = image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: not a readable image ({e})") from None
+        raise DataError(f"{path}: not a readable image ({e})") from e
     scale = max(width / rgb.width, height / rgb.height)
     size = (max(width, round(rgb.width * scale)), max(height, round(rgb.height * scale)))
     if size != rgb.size:
@@ -216,7 +216,7 @@ def check_weights_only(path: Path) -> None:
         raise DataError(
             f"{path}: torch.load(weights_only=True) refused it ({str(e).splitlines()[0]}); download it again "
             f"from {INCEPTION_URL}"
-        ) from None
+        ) from e
 
 
 def resolve_fid_feature(inception_weights: str | Path | None = None) -> FidFeature:
@@ -346,14 +346,27 @@ class RealMetricInputs:
         return tuple(name for name, value in zip(METRICS, given) if value is not None)
 
     def check(self) -> None:
-        """Every model, weight file and folder the metrics need, before any image is generated."""
+        """Every model, weight file and folder the metrics need, before any image is generated: whatever is
+        missing, all of it in one error (one download after another would otherwise find them one by one)."""
+        checks = []
         if self.clip_dir is not None:
-            check_clip_dir(self.clip_dir)
+            checks.append(lambda: check_clip_dir(self.clip_dir))
         if self.fid_reference is not None:
-            reference_images(self.fid_reference)
-            resolve_fid_feature()
+            checks += [lambda: reference_images(self.fid_reference), resolve_fid_feature]
         if self.hps_checkpoint is not None:
-            check_hps(self.hps_checkpoint, self.allow_pickle)
+            checks.append(lambda: check_hps(self.hps_checkpoint, self.allow_pickle))
+        errors = []
+        for check in checks:
+            try:
+                check()
+            except KoalaError as e:
+                errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
+        if errors:
+            raise MetricUnavailableError(
+                f"{len(errors)} problems: " + "; ".join(f"({i}) {e}" for i, e in enumerate(errors, 1))
+            )
 
 
 def score_models(

@@ -1,18 +1,30 @@
 """What an evaluation writes: a table (markdown, for people), JSON (for scripts), and an image grid where
-the models stand side by side, one column per model, one row per (prompt, seed); `Report` holds all three for
-world prompt sets and prompt files alike."""
+the models stand side by side: one row per prompt, a group of columns per model, one column per seed within it,
+so a model's seeds and the models' same seed can be compared at a glance; `Report` holds all three for world
+prompt sets and prompt files alike. Each file is written whole or not at all (a full disk is one error naming
+the path, the bytes needed and free)."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
+
+from koala_jax.files import write_json, write_text
+from koala_jax.pipelines.sampling import save_png
+
+# The grid stays under MAX_GRID_HEIGHT pixels where it can: its images shrink to fit, within CELL_RANGE.
+MAX_GRID_HEIGHT = 2000
+CELL_RANGE = (64, 256)
+FONT_SIZE = 14
+LINE = FONT_SIZE + 4
+LABEL_WIDTH = 200  # the prompts' column
+GAP = 12  # between the models' groups of columns
+HEADER = 2 * LINE + 8  # the model's name, then each column's seed
 
 
 def markdown_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str]) -> str:
@@ -28,49 +40,74 @@ def markdown_table(rows: Sequence[Mapping[str, object]], columns: Sequence[str])
     return "\n".join(lines)
 
 
-def side_by_side(images: Mapping[str, Sequence[np.ndarray]], labels: Sequence[str], cell: int = 128) -> Image.Image:
-    """One row per item (its label on the left), one column per model (its name on top), images upscaled
-    to `cell` pixels (nearest: the pixels a detector judged)."""
-    names = list(images)
-    label_width, header = 8 * max((len(label) for label in labels), default=0) // 2 + 8, 16
-    grid = Image.new("RGB", (label_width + cell * len(names), header + cell * len(labels)), "white")
-    draw = ImageDraw.Draw(grid)
-    for c, name in enumerate(names):
-        draw.text((label_width + c * cell + 4, 2), name, fill="black")
-        for r, image in enumerate(images[name]):
-            tile = Image.fromarray(np.asarray(image, np.uint8)).resize((cell, cell), Image.Resampling.NEAREST)
-            grid.paste(tile, (label_width + c * cell, header + r * cell))
-    for r, label in enumerate(labels):
-        words, lines = label.split(), [""]
-        for word in words:  # Wrap the label into the margin.
-            if len(lines[-1]) + len(word) + 1 > label_width // 6:
-                lines.append("")
-            lines[-1] = f"{lines[-1]} {word}".strip()
-        draw.multiline_text((4, header + r * cell + 4), "\n".join(lines[: cell // 12]), fill="black")
+def grid_cell(rows: int) -> int:
+    """The side of each image in a grid of `rows` prompts: as large as keeps it under MAX_GRID_HEIGHT, within
+    CELL_RANGE."""
+    low, high = CELL_RANGE
+    return max(low, min(high, (MAX_GRID_HEIGHT - HEADER) // max(rows, 1)))
+
+
+def wrap(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont, width: int, lines: int) -> str:
+    """`text` wrapped at words into at most `lines` lines of `width` pixels (cut with an ellipsis)."""
+    wrapped = [""]
+    for word in text.split():
+        candidate = f"{wrapped[-1]} {word}".strip()
+        if wrapped[-1] and draw.textlength(candidate, font=font) > width:
+            wrapped.append(word)
+        else:
+            wrapped[-1] = candidate
+    if len(wrapped) > lines:
+        wrapped = wrapped[:lines]
+        wrapped[-1] += " ..."
+    return "\n".join(wrapped)
+
+
+def side_by_side(
+    images: Mapping[str, Sequence[np.ndarray]], prompts: Sequence[str], seeds: Sequence[int], cell: int | None = None
+) -> Image.Image:
+    """Prompts in rows (wrapped on the left), models in groups of columns (named on top), one column per seed
+    within each group (numbered under the name). Each model has one image per (prompt, seed), prompt-major as
+    the evaluations draw them. Images are scaled to `cell` pixels (default: `grid_cell`), nearest-neighbour when
+    enlarged (the pixels a detector judged) and Lanczos when reduced."""
+    cell = cell or grid_cell(len(prompts))
+    group = cell * len(seeds)
+    width = LABEL_WIDTH + len(images) * (group + GAP) - GAP
+    grid = Image.new("RGB", (width, HEADER + cell * len(prompts)), "white")
+    draw, font = ImageDraw.Draw(grid), ImageFont.load_default(size=FONT_SIZE)
+    for m, (name, model_images) in enumerate(images.items()):
+        left = LABEL_WIDTH + m * (group + GAP)
+        draw.text((left + group // 2, 2), wrap(draw, name, font, group, 1), fill="black", font=font, anchor="ma")
+        for s, seed in enumerate(seeds):
+            seed_label = f"seed {seed}" if draw.textlength(f"seed {seed}", font=font) < cell else str(seed)
+            draw.text((left + s * cell + cell // 2, LINE + 4), seed_label, fill="dimgray", font=font, anchor="ma")
+        for i, image in enumerate(model_images):
+            tile = Image.fromarray(np.asarray(image, np.uint8))
+            enlarge = tile.width < cell
+            tile = tile.resize((cell, cell), Image.Resampling.NEAREST if enlarge else Image.Resampling.LANCZOS)
+            row, column = divmod(i, len(seeds))
+            grid.paste(tile, (left + column * cell, HEADER + row * cell))
+    for row, prompt in enumerate(prompts):
+        label = wrap(draw, prompt, font, LABEL_WIDTH - 8, max(1, cell // LINE))
+        draw.multiline_text((4, HEADER + row * cell + 2), label, fill="black", font=font, spacing=4)
     return grid
-
-
-def write_json(path: str | os.PathLike, data: object) -> None:
-    """Write `data` as JSON under a temporary name, then rename (never half a file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float) + "\n")
-    tmp.replace(path)
 
 
 @dataclasses.dataclass
 class Report:
     """One evaluation: one table row and one report.json entry per model ({"accuracy": ..., "agreement": ...,
-    "metrics": ...}), the (prompt, seed) items, and each model's images (one per item) for the grid."""
+    "metrics": ...}), the (prompt, seed) items (every prompt with each of `seeds`, prompt by prompt), and each
+    model's images (one per item) for the grid."""
 
     reference: str | None
     items: list[dict[str, object]]
     images: dict[str, list[np.ndarray]]
     models: dict[str, dict[str, object]]
     columns: tuple[str, ...]
+    seeds: list[int]
 
-    def labels(self) -> list[str]:
-        return [f"{item['prompt']} (seed {item['seed']})" for item in self.items]
+    def prompts(self) -> list[str]:
+        """The grid's rows: one per prompt."""
+        return [str(item["prompt"]) for item in self.items[:: len(self.seeds)]]
 
     def rows(self) -> list[dict[str, object]]:
         return [
@@ -89,5 +126,5 @@ class Report:
         out.mkdir(parents=True, exist_ok=True)
         data = {"settings": dict(settings), "reference": self.reference, "items": self.items, "models": self.models}
         write_json(out / "report.json", data)
-        (out / "report.md").write_text(markdown_table(self.rows(), self.columns) + "\n")
-        side_by_side(self.images, self.labels()).save(out / "grid.png")
+        write_text(out / "report.md", markdown_table(self.rows(), self.columns) + "\n")
+        save_png(side_by_side(self.images, self.prompts(), self.seeds), out / "grid.png")

@@ -20,4 +20,4 @@ def evaluate_texts(generators: Mapping[str, Generator], texts: Sequence[str], se
     reference = next(iter(generated))
     compared = agreement_with(generated, reference)
     models = {name: {"agreement": compared.get(name, {})} for name in generated}
-    return Report(reference, items, {m: g.images for m, g in generated.items()}, models, COLUMNS)
+    return Report(reference, items, {m: g.images for m, g in generated.items()}, models, COLUMNS, list(seeds))

@@ -65,7 +65,7 @@ class WorldEvaluation:
         items = [{"prompt": p.text, "seed": s} for p in self.prompts for s in self.seeds]
         models = {m: {"accuracy": self.accuracy[m], "agreement": self.agreement.get(m, {})} for m in self.generated}
         images = {m: g.images for m, g in self.generated.items()}
-        return Report(self.reference, items, images, models, COLUMNS)
+        return Report(self.reference, items, images, models, COLUMNS, self.seeds)
 
 
 def evaluate_world(

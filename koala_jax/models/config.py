@@ -326,8 +326,11 @@ class UNetConfig:
     def to_diffusers(self) -> dict[str, Any]:
         """The diffusers config dict (`UNet2DConditionModel(**d)` builds the same architecture, and
         `from_diffusers` reads it back equal). The decoder depths are always written: diffusers needs
-        them whenever an encoder entry is a list."""
+        them whenever an encoder entry is a list. `layers_per_block` is one int where every stage has the same
+        count (diffusers' own convention: its single-file converter computes `layers_per_block + 1`)."""
         d = {k: _nested_lists(v) for k, v in dataclasses.asdict(self).items()}
+        if len(set(self.layers_per_block)) == 1:
+            d["layers_per_block"] = self.layers_per_block[0]
         # diffusers' SDXL checkpoints store head counts under `attention_head_dim`; write it the same way
         # so the exported config.json reads like the teacher's.
         d["attention_head_dim"] = d.pop("num_attention_heads")

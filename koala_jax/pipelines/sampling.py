@@ -12,21 +12,29 @@ Defaults per teacher family (docs/paper.md sections 4 and 5):
 - turbo (KOALA-Turbo, SDXL-Turbo teacher): 512 px (the project page times Turbo models at 512x512) and
   trailing Euler. ASSUMPTIONS, not verified: 4 steps and guidance 0.0 (SDXL-Turbo's own card samples
   without classifier-free guidance in 1-4 steps; KOALA-Turbo's settings are not in any source we read).
+The presets' sizes are for full-size (1024 px) models; any smaller model draws at its own size by default
+(`preset_settings`: the tiny pipelines at 64 px). Every setting has a range (`setting_problems`), checked by the
+commands before anything loads, and PNGs are written whole or not at all (`save_png`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+
+from koala_jax.errors import ConfigError
+from koala_jax.files import write_bytes
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionXLPipeline
@@ -48,6 +56,57 @@ PRESETS = {
 }
 SCHEDULERS = ("euler", "euler-trailing", "dpm++")
 DTYPES = ("fp32", "fp16", "bf16")
+# The presets' sizes are the paper's, for models at SDXL's own side; smaller models draw at their own size.
+FULL_SIZE = 1024
+# Ranges of the sampling settings, checked before any model loads. Steps: SDXL's num_train_timesteps (beyond it
+# the schedule only repeats timesteps). Guidance: images saturate long before 100 (1e30 drew black). Sides: 4x
+# SDXL's. diffusers' StableDiffusionXLPipeline refuses heights and widths that are not multiples of 8.
+MAX_STEPS = 1000
+GUIDANCE_RANGE = (0.0, 100.0)
+MAX_SIDE = 4096
+DIFFUSERS_MULTIPLE = 8
+
+
+def preset_settings(preset: str, native: int | None) -> Settings:
+    """The preset's settings at the model's own size `native` (U-Net sample_size x VAE factor, as diffusers
+    defaults to); the preset's size (the paper's) for a full-size model, or where the size is not known before
+    loading (None: a hub id). The tiny pipeline thus draws 64 px, not 1024."""
+    settings = PRESETS[preset]
+    if native is None or native >= FULL_SIZE:
+        return settings
+    return dataclasses.replace(settings, height=native, width=native)
+
+
+def range_problem(flag: str, value: float | None, low: float, high: float | None = None) -> str | None:
+    """`<flag> <value> must be ...` when `value` lies outside [low, high] (NaN does too; None: not given)."""
+    if value is None or (low <= value and (high is None or value <= high)):
+        return None
+    return f"{flag} {value} must be " + (f"between {low} and {high}" if high is not None else f"at least {low}")
+
+
+def size_problem(flag: str, value: int, backend: str, factor: int | None) -> str | None:
+    """Why `backend` ("diffusers" or "jax") cannot draw `value` pixels along a side with a VAE of `factor` pixels
+    per latent (None: not known before loading, a hub id), or None."""
+    if factor and value % factor:
+        return f"{flag} {value} is not a multiple of the VAE's factor {factor}"
+    if backend == "diffusers" and value % DIFFUSERS_MULTIPLE:
+        instead = f"; --backend jax draws multiples of the VAE's factor {factor}" if factor else ""
+        return f"{flag} {value} is not a multiple of {DIFFUSERS_MULTIPLE}, which diffusers needs{instead}"
+    return None
+
+
+def setting_problems(settings: Settings, backend: str, factor: int | None, flags: Mapping[str, str]) -> list[str]:
+    """Each setting out of its range or not drawable by `backend`, named by its flag (`flags`: field -> flag)."""
+    problems = [
+        range_problem(flags["steps"], settings.steps, 1, MAX_STEPS),
+        range_problem(flags["guidance"], settings.guidance, *GUIDANCE_RANGE),
+    ]
+    for side in ("height", "width"):
+        value = getattr(settings, side)
+        problems.append(
+            range_problem(flags[side], value, 1, MAX_SIDE) or size_problem(flags[side], value, backend, factor)
+        )
+    return list(dict.fromkeys(p for p in problems if p))  # evaluate.py's --size names both sides
 
 
 def initial_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -92,10 +151,19 @@ def load_pipeline(model: str, unet: str | None, dtype: str, device: str) -> Stab
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
-    kwargs = {"unet": UNet2DConditionModel.from_pretrained(unet, dtype=dtype)} if unet else {}
-    pipe = StableDiffusionXLPipeline.from_pretrained(model, dtype=dtype, **kwargs)
+    kwargs = {"unet": _from_pretrained(UNet2DConditionModel, unet, dtype=dtype)} if unet else {}
+    pipe = _from_pretrained(StableDiffusionXLPipeline, model, dtype=dtype, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def _from_pretrained(cls: type, path: str, **kwargs):
+    """`cls.from_pretrained(path)`; what diffusers refuses (a missing folder or file, a bad hub id, a config it
+    cannot build) is one error naming `path` itself, so a bad `--unet` is not blamed on `--model`."""
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: {e}") from e
 
 
 def png_info(metadata: dict) -> PngInfo:
@@ -167,6 +235,11 @@ def make_grid(images: list[Image.Image]) -> Image.Image:
     return grid
 
 
-def save_png(image: Image.Image, path: Path, metadata: dict) -> None:
+def save_png(image: Image.Image, path: Path, metadata: dict | None = None) -> None:
+    """Write `image` (with `metadata` as tEXt chunks) whole or not at all: encoded first, then written under a
+    temporary name and renamed, so a full disk is one error naming `path`, the bytes needed and free, and no
+    0-byte or half-written PNG is left."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=None if metadata is None else png_info(metadata))
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, pnginfo=png_info(metadata))
+    write_bytes(path, buffer.getvalue())

@@ -1,7 +1,8 @@
 """A tiny random SDXL pipeline (everything but the U-Net) written in diffusers layout.
 
-Tests and the tiny training config need a teacher folder that loads with the same
-`from_pretrained` calls as the real SDXL checkpoint, but nothing may be downloaded.
+Tests and benchmarks need a teacher folder that loads with the same `from_pretrained`
+calls as the real SDXL checkpoint, but nothing may be downloaded (the embedded default,
+configs/tiny.py, uses the trained tiny-world teacher in assets/ instead).
 This module builds one from random weights in well under a second: a small
 `AutoencoderKL`, two small CLIP text encoders (the second with a projection, as in
 SDXL), byte-level CLIP tokenizers generated locally, and SDXL's Euler scheduler.

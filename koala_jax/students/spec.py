@@ -77,7 +77,7 @@ def load_spec(text: str) -> StudentSpec:
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{where}: not JSON ({e})") from None
+        raise ConfigError(f"{where}: not JSON ({e})") from e
     return parse_spec(data, where)
 
 
@@ -187,7 +187,7 @@ def resolve(spec: StudentSpec, teacher: UNetConfig, where: str = "student spec")
             mid_block_type=mid,
         )
     except UnsupportedConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
+        raise ConfigError(f"{where}: {e}") from e
     if config.mid_depths() and config.mid_depths()[0] > teacher.mid_depths()[0]:
         raise ConfigError(
             f"{where}: the mid block would keep {config.mid_depths()[0]} transformer blocks (diffusers ties it to "

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from koala_jax.errors import KoalaError
+from koala_jax.files import temporary_output
 
 
 def check_output_free(out: str | os.PathLike, overwrite: bool = False) -> None:
@@ -81,7 +82,8 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
     tmp.mkdir()
     done = False
     try:
-        yield tmp
+        with temporary_output(tmp):  # removed by files.stop_now too
+            yield tmp
         done = True
     finally:
         if not done:

@@ -21,12 +21,13 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from koala_jax.errors import ConvertError, MissingPathError
-from koala_jax.models import UNetConfig
+from koala_jax.files import write_json
+from koala_jax.models import UNetConfig, param_count
 from koala_jax.weights.checks import ValueChecker
 from koala_jax.weights.diffusers_dir import CONFIG_NAME, WEIGHTS_NAME
 from koala_jax.weights.params_dir import write_params
 from koala_jax.weights.progress import Progress
-from koala_jax.weights.safetensors import load_file, save_file
+from koala_jax.weights.safetensors import load_file, read_header, save_file
 from koala_jax.weights.single_file import component_to_original, unet_to_original
 from koala_jax.weights.state_dict import flax_path_to_torch_key, flax_to_torch
 
@@ -86,7 +87,7 @@ def write_unet_folder(
     """config.json and diffusion_pytorch_model.safetensors in the existing `folder`; `params` is consumed."""
     folder.mkdir(parents=True, exist_ok=True)
     save_file(to_state_dict(params, dtype, where), folder / WEIGHTS_NAME, metadata={"format": "pt"})
-    (folder / CONFIG_NAME).write_text(json.dumps(config.to_diffusers(), indent=2) + "\n")
+    write_json(folder / CONFIG_NAME, config.to_diffusers())
 
 
 def check_pipeline(pipeline: Path, config: UNetConfig) -> dict:
@@ -133,8 +134,23 @@ def write_pipeline(
     for name in _components(index):
         shutil.copytree(pipeline / name, folder / name)
     index["unet"] = ["diffusers", "UNet2DConditionModel"]
-    (folder / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    write_json(folder / MODEL_INDEX, index)
     write_unet_folder(folder / "unet", config, params, dtype, where)
+
+
+def export_bytes(config: UNetConfig, dtype: np.dtype, pipeline: Path | None = None, single_file: bool = False) -> int:
+    """The bytes an export of `config` in `dtype` writes, to the precision a free-space check needs (headers and
+    configs aside): the U-Net's tensors, plus with a teacher `pipeline` the components a folder export copies or
+    a single file holds cast to `dtype`."""
+    itemsize = np.dtype(dtype).itemsize
+    total = param_count(config) * itemsize
+    if pipeline is None:
+        return total
+    if single_file:
+        headers = (read_header(pipeline / name / weights)[0] for name, weights in SINGLE_FILE_COMPONENTS.items())
+        return total + sum(math.prod(v["shape"]) * itemsize for header in headers for v in header.values())
+    copied = (pipeline / name for name in _components(check_pipeline(pipeline, config)))
+    return total + sum(f.stat().st_size for folder in copied for f in folder.rglob("*") if f.is_file())
 
 
 def write_jax(folder: Path, config: UNetConfig, params: dict, dtype: np.dtype, where: object = "weights") -> None:
@@ -158,7 +174,7 @@ def write_single_file(
     pipeline: Path | None = None,
     where: object = "weights",
 ) -> None:
-    """One original-format (SGM) .safetensors file, what ComfyUI and A1111 load: the U-Net under
+    """One original-format (SGM) .safetensors file, what ComfyUI loads (A1111 / Forge: not checked): the U-Net under
     `model.diffusion_model.*` and, from a teacher `pipeline` folder, the VAE and both text encoders.
     `params` is consumed; every tensor is cast to `dtype` and checked before the file is written."""
     tensors = unet_to_original(to_state_dict(params, dtype, where), config)

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from koala_jax.errors import ConvertError
+from koala_jax.files import write_text
 from koala_jax.models import UNetConfig, param_count
 from koala_jax.models.init import describe
 
@@ -75,8 +76,10 @@ def _body(facts: CardFacts) -> list[str]:
     lines += ["## Training", ""]
     if facts.training:
         lines += [f"- {k}: {v}" for k, v in facts.training.items()]
-        lines += ["", "Student config (diffusers `config.json`):", "", "```json"]
-        lines += [json.dumps(facts.config.to_diffusers(), indent=2), "```", ""]
+        if not facts.kind.startswith("single-file"):  # A single file's usage shows the config.
+            lines += ["", "Student config (diffusers `config.json`):", "", "```json"]
+            lines += [json.dumps(facts.config.to_diffusers(), indent=2), "```"]
+        lines += [""]
     else:
         lines += ["Not exported from a training run (no training steps recorded).", ""]
     lines += ["## Evaluation", ""]
@@ -84,7 +87,7 @@ def _body(facts: CardFacts) -> list[str]:
         lines += ["| metric | value |", "|---|---|", *(f"| {k} | {v:g} |" for k, v in facts.evaluation.items())]
     else:
         lines += [f"<!-- EVALUATION PLACEHOLDER -->\n{TODO}: not evaluated yet (e.g. HPSv2, CLIP score, FID)."]
-    lines += ["", "## Usage", "", *_usage(facts.kind), "", "## License", "", f"{TODO}: set the license."]
+    lines += ["", "## Usage", "", *_usage(facts), "", "## License", "", f"{TODO}: set the license."]
     return lines
 
 
@@ -96,31 +99,74 @@ _KINDS = {
 }
 
 
-def _usage(kind: str) -> list[str]:
-    if kind.startswith("single-file"):
-        where = "models/checkpoints" if kind == "single-file-pipeline" else "models/unet"
-        return [
-            f"ComfyUI: put the file in `{where}`; A1111 / Forge load it as a checkpoint. diffusers:",
-            "",
-            "```python",
-            "from diffusers import StableDiffusionXLPipeline",
-            'pipe = StableDiffusionXLPipeline.from_single_file("model.safetensors", config="<SDXL pipeline folder>")',
-            "```",
-        ]
+# Placeholders of the usage snippets, for the reader to fill in (tests/test_convert_clients.py runs every snippet
+# with them filled in, so the card only shows what works).
+REPO = "<this repo>"  # this export: a hub id or its local folder
+PIPELINE = "<SDXL pipeline>"  # the teacher's StableDiffusionXLPipeline: a hub id or a local folder
+FILE = "<this file>"
+CONFIG_FOLDER = "<folder with this config.json>"
+PIPELINE_CONFIG = "<pipeline folder of this model>"
+
+
+def _usage(facts: CardFacts) -> list[str]:
+    """What loads this export, as checked (docs/convert.md, "Which client reads what")."""
+    if facts.kind.startswith("single-file"):
+        return _single_file_usage(facts)
     load = (
-        'pipe = StableDiffusionXLPipeline.from_pretrained("<this repo>")'
-        if kind == "pipeline"
-        else 'pipe = StableDiffusionXLPipeline.from_pretrained("<SDXL pipeline>", unet=UNet2DConditionModel.'
-        'from_pretrained("<this repo>"))'
+        f'pipe = StableDiffusionXLPipeline.from_pretrained("{REPO}")'
+        if facts.kind == "pipeline"
+        else f'pipe = StableDiffusionXLPipeline.from_pretrained("{PIPELINE}", unet=UNet2DConditionModel.'
+        f'from_pretrained("{REPO}"))'
     )
     return ["```python", "from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel", load, "```"]
 
 
+def _single_file_usage(facts: CardFacts) -> list[str]:
+    """diffusers guesses SDXL-Base from a single file's keys, so a KOALA file loads only with its own config (a
+    folder holding the config.json below, or for a whole-pipeline file, a pipeline folder with it in unet/)."""
+    whole = facts.kind == "single-file-pipeline"
+    comfy = (
+        "ComfyUI: put the file in `models/checkpoints` (Load Checkpoint)"
+        if whole
+        else "ComfyUI: put the file in `models/unet`"
+    )
+    if whole:
+        config_help = (
+            f"`{PIPELINE_CONFIG}`: a diffusers pipeline folder of this model (`convert_weights.py to-diffusers "
+            "--pipeline`), or the teacher's pipeline folder with its `unet/config.json` replaced by the one below"
+        )
+        snippet = [
+            "from diffusers import StableDiffusionXLPipeline",
+            f'pipe = StableDiffusionXLPipeline.from_single_file("{FILE}", config="{PIPELINE_CONFIG}")',
+        ]
+    else:
+        config_help = f"`{CONFIG_FOLDER}`: a folder holding the config.json below"
+        snippet = [
+            "from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel",
+            f'unet = UNet2DConditionModel.from_single_file("{FILE}", config="{CONFIG_FOLDER}")',
+            f'pipe = StableDiffusionXLPipeline.from_pretrained("{PIPELINE}", unet=unet)',
+        ]
+    return [
+        f"{comfy}; it recognises full-size KOALA-700M and KOALA-1B by their keys (checked with ComfyUI 0.3.64), "
+        "other architectures only if it lists them. A1111 / Forge: not checked.",
+        "",
+        f"diffusers cannot tell this U-Net from SDXL's by its keys, so it needs this model's config ({config_help}).",
+        "",
+        "```python",
+        *snippet,
+        "```",
+        "",
+        "This U-Net's `config.json`:",
+        "",
+        "```json",
+        json.dumps(facts.config.to_diffusers(), indent=2),
+        "```",
+    ]
+
+
 def write_card(path: Path, facts: CardFacts) -> Path:
-    """Write the card to `path` (through a temporary name); returns `path`."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render(facts))
-    tmp.replace(path)
+    """Write the card to `path` whole or not at all (`files.write_text`); returns `path`."""
+    write_text(path, render(facts))
     return path
 
 

@@ -6,16 +6,29 @@
   closed" and pybind11 prints it as an unraisable exception, and each write coroutine never resumed prints
   another when it is collected at exit: tracebacks by the thousand for a full model, after the real error
   has been raised. The filter drops exactly those two kinds; anything else unraisable is printed as before.
+  asyncio's "Task exception was never retrieved" for the tensorstore tasks a failed restore leaves unawaited
+  goes too.
+- `quiet_save_logging`: a failed save is also logged by orbax, with a traceback per thread it ran in; the
+  caller raises the failure as one error, so those records are dropped during the save.
+- `uninterrupted`: Ctrl-C and SIGTERM wait until a save is complete. Raised inside orbax's event loop, the
+  KeyboardInterrupt left its writer threads running while the output folder was deleted and the interpreter
+  shut down: orbax tracebacks, a temporary folder written again after its removal, and now and then an abort
+  (`FATAL: exception not rethrown`). A save too long to wait for is ended by the commands' signal watchdog
+  (`cli.runner`), which removes the temporary output and exits at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import warnings
+from collections.abc import Iterator
 
 _CLOSED_LOOP = "Event loop is closed"
 
@@ -63,6 +76,7 @@ def quiet_closed_loop_noise() -> None:
         sys.unraisablehook = functools.partial(_drop_noise, forward=sys.unraisablehook)
         warnings.filterwarnings("ignore", r"coroutine 'async_serialize\w*\.<locals>", RuntimeWarning)
         logging.getLogger("absl").addFilter(_not_a_partial_restore_notice)
+        logging.getLogger("asyncio").addFilter(_not_an_abandoned_array_read)
         _installed = True
 
 
@@ -70,3 +84,53 @@ def _not_a_partial_restore_notice(record: logging.LogRecord) -> bool:
     """Drop orbax's warning for each checkpoint item a partial restore leaves out on purpose (the data iterator
     when only the params are read): it is printed per restore and tells the user nothing."""
     return "was found in the checkpoint, but could not be restored" not in record.getMessage()
+
+
+def _not_an_abandoned_array_read(record: logging.LogRecord) -> bool:
+    """Drop asyncio's "Task exception was never retrieved" for a tensorstore read or write: when one array of a
+    restore fails, orbax raises that failure and leaves the tasks of the other arrays unawaited; each one that
+    failed too is logged with its own traceback when collected (pages of them for a damaged checkpoint, after
+    its one-line error)."""
+    error = record.exc_info[1] if record.exc_info else None
+    return not (
+        record.getMessage().startswith("Task exception was never retrieved") and "tensorstore_spec" in str(error)
+    )
+
+
+def _drop_all(record: logging.LogRecord) -> bool:
+    return False
+
+
+@contextlib.contextmanager
+def quiet_save_logging() -> Iterator[None]:
+    """Within the block, orbax's log records (it logs through absl) are dropped: see the module's docstring."""
+    logger = logging.getLogger("absl")
+    logger.addFilter(_drop_all)
+    try:
+        yield
+    finally:
+        logger.removeFilter(_drop_all)
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """SIGINT and SIGTERM received within the block take effect once it has completed (their previous handlers
+    run then, in the order received; the first raises); if the block fails, its error is raised instead. A
+    no-op outside the main thread, where Python cannot install handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    watched = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in watched}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    for signum in received:
+        handler = previous[signum]
+        if callable(handler):
+            handler(signum, None)
+        elif handler == signal.SIG_DFL:
+            signal.raise_signal(signum)

@@ -9,6 +9,11 @@ write and compress it, so saving the 2.6B-parameter SDXL tree peaked at three co
 in memory. Here numpy leaves are written in place and uncompressed, and restores go in 1 GiB chunks,
 so a save or a load holds about one copy. Directories are written under a temporary name and
 renamed when complete: a crash never leaves a folder that looks like a finished model.
+
+A save is checked against the free space first (the size of the params is known), a disk that fills up
+during it is one `DiskFullError` (orbax's own logging of the failure and its asynchronous aftermath are
+silenced), and Ctrl-C or SIGTERM wait until orbax has finished (`orbax_errors.uninterrupted`): an orbax save
+that is interrupted keeps writing in its threads while its folder is deleted and the interpreter shuts down.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,14 +32,22 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from orbax.checkpoint import type_handlers
 
 from koala_jax.errors import ConvertError, MissingPathError
+from koala_jax.files import check_free_space, disk_full_as, fault_point
 from koala_jax.models import UNetConfig, abstract_params
 from koala_jax.weights.atomic import atomic_output_dir
 from koala_jax.weights.diffusers_dir import CONFIG_NAME
-from koala_jax.weights.orbax_errors import describe_failure, quiet_closed_loop_noise
+from koala_jax.weights.orbax_errors import (
+    describe_failure,
+    quiet_closed_loop_noise,
+    quiet_save_logging,
+    uninterrupted,
+)
 from koala_jax.weights.state_dict import check_against
 
 PARAMS_NAME = "params"
 RESTORE_CHUNK_BYTES = 2**30
+_TEMPORARY_SUFFIX = re.compile(r"\.tmp-\d+-[0-9a-f]{8}$")
+METADATA_BYTES = 2**20  # orbax's metadata files and config.json, on top of the arrays
 
 
 def is_params_dir(path: str | os.PathLike) -> bool:
@@ -42,9 +56,22 @@ def is_params_dir(path: str | os.PathLike) -> bool:
     return (path / CONFIG_NAME).is_file() and (path / PARAMS_NAME).is_dir()
 
 
+class _NumpyHandler(type_handlers.NumpyHandler):
+    """orbax's numpy handler with the fault points of the tests: `params_dir.save` in the main thread once the
+    save has started (its folder exists), `params_dir.write_array` in orbax's writer thread before each array."""
+
+    async def serialize(self, values, infos, args=None):
+        fault_point("params_dir.save")
+        return await super().serialize(values, infos, args)
+
+    async def _open_and_write(self, value, tspec, ts_context):
+        fault_point("params_dir.write_array")
+        return await super()._open_and_write(value, tspec, ts_context)
+
+
 def _checkpointer() -> ocp.Checkpointer:
     registry = type_handlers.create_type_handler_registry(
-        (np.ndarray, type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (np.ndarray, _NumpyHandler(deepcopy_host_arrays=False)),
         (jax.Array, type_handlers.get_type_handler(jax.Array)),
     )  # Unused (leaves are numpy), but orbax wants one.
     handler = ocp.PyTreeCheckpointHandler(
@@ -57,10 +84,20 @@ def write_params(folder: str | os.PathLike, params: dict, config: UNetConfig) ->
     """Write config.json and params/ into `folder`, created if needed (not atomic on its own: use
     `save_params`, or call this inside `atomic_output_dir`). Leaves: numpy or jax arrays."""
     folder = Path(folder).absolute()
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / CONFIG_NAME).write_text(json.dumps(config.to_diffusers(), indent=2) + "\n")
     host = jax.tree.map(np.asarray, params)  # No copy for numpy leaves; jax ones are fetched to host.
-    _checkpointer().save(folder / PARAMS_NAME, host)
+    needed = sum(leaf.nbytes for leaf in jax.tree.leaves(host)) + METADATA_BYTES
+    check_free_space(_output_name(folder), needed, "the JAX params")
+    folder.mkdir(parents=True, exist_ok=True)
+    quiet_closed_loop_noise()
+    with disk_full_as(_output_name(folder), needed):
+        (folder / CONFIG_NAME).write_text(json.dumps(config.to_diffusers(), indent=2) + "\n")
+        with uninterrupted(), quiet_save_logging():
+            _checkpointer().save(folder / PARAMS_NAME, host)
+
+
+def _output_name(folder: Path) -> Path:
+    """`folder` as the user named it: without the `.tmp-<pid>-<random>` of `atomic_output_dir`'s folder."""
+    return Path(*(_TEMPORARY_SUFFIX.sub("", part) for part in folder.parts))
 
 
 def save_params(out: str | os.PathLike, params: dict, config: UNetConfig, overwrite: bool = False) -> Path:

@@ -4,7 +4,8 @@ The `safetensors` package's numpy API has no bfloat16, and its torch/flax APIs w
 in or copy every tensor onto a device. The format is simple (8-byte little-endian header length, a JSON
 header of dtype/shape/offsets, then raw little-endian bytes), so we read it through `np.memmap`:
 tensors stay on disk until used, which keeps a full SDXL conversion at about one copy in memory.
-Writes go to a temporary file renamed into place, so a crash never leaves a file that looks complete.
+Writes go through `files.atomic_write` (a temporary file renamed into place), so a crash or a full disk never
+leaves a file that looks complete.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from numpy.lib.array_utils import byte_bounds
 
 from koala_jax.errors import KoalaError
+from koala_jax.files import atomic_write, check_free_space
 from koala_jax.weights.progress import Progress
 
 _DTYPES = {
@@ -56,7 +58,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SafetensorsError(f"{path}: unreadable safetensors header ({e})") from None
+            raise SafetensorsError(f"{path}: unreadable safetensors header ({e})") from e
     header.pop("__metadata__", None)
     data_size = max((v["data_offsets"][1] for v in header.values()), default=0)
     if 8 + n + data_size > size:
@@ -86,8 +88,9 @@ def load_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def save_file(
     tensors: Mapping[str, np.ndarray], path: str | os.PathLike, metadata: Mapping[str, str] | None = None
 ) -> None:
-    """Write `tensors` to `path` atomically (temporary name, then rename), one tensor at a time, showing
-    progress on stderr for long writes (`weights.progress`)."""
+    """Write `tensors` to `path` whole or not at all (`files.atomic_write`), one tensor at a time, showing
+    progress on stderr for long writes (`weights.progress`). A disk that cannot hold the file is refused before
+    anything is written; one that fills up meanwhile is a `DiskFullError` naming `path`."""
     if sys.byteorder != "little":
         raise SafetensorsError("safetensors is little-endian; writing from a big-endian host is not supported")
     path = Path(path)
@@ -103,20 +106,17 @@ def save_file(
         arrays[name] = a
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # Align the data section to 8 bytes, as the reference writer does.
-    tmp = path.with_name(path.name + ".tmp")
+    size = 8 + len(blob) + offset
+    check_free_space(path.parent, size, path.name)  # Before gigabytes are written, not when they no longer fit.
     progress = Progress(f"writing {path.name}", offset, len(arrays))
     try:
-        with open(tmp, "wb") as f:
+        with atomic_write(path, "wb", needed=size) as f:
             f.write(struct.pack("<Q", len(blob)) + blob)
             for name in sorted(arrays):
                 f.write(np.ascontiguousarray(arrays[name]).tobytes())  # Native order: little-endian hosts only.
                 progress.update(arrays[name].nbytes)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     finally:
         progress.close()
-        tmp.unlink(missing_ok=True)
 
 
 def read_slice(array: np.ndarray, index: tuple) -> np.ndarray:

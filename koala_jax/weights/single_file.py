@@ -35,7 +35,14 @@ import numpy as np
 from koala_jax.errors import ConvertError
 from koala_jax.models import UNetConfig
 from koala_jax.students.presets import SDXL_BASE
-from koala_jax.weights.diffusers_dir import read_config, require_sdxl_family, to_flax
+from koala_jax.weights.diffusers_dir import (
+    CONFIG_NAME,
+    PICKLE_WEIGHTS_NAME,
+    has_safetensors,
+    read_config,
+    require_sdxl_family,
+    to_flax,
+)
 from koala_jax.weights.safetensors import load_file
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
@@ -197,7 +204,7 @@ def original_to_diffusers(state: Mapping[str, Any], config: UNetConfig | None, w
     try:
         return {unet_key_from_original(k, layers): v for k, v in state.items()}
     except ConvertError as e:
-        raise ConvertError(f"{where}: {e}") from None
+        raise ConvertError(f"{where}: {e}") from e
 
 
 # ------------------------------------------------------------------------------------------------- VAE
@@ -372,7 +379,7 @@ def read_original_components(path: Path, config: UNetConfig | None = None) -> di
                     original_to_diffusers(own, config, path) if name == "unet" else COMPONENT_FROM_ORIGINAL[name](own)
                 )
             except ConvertError as e:
-                raise ConvertError(f"{path}: {e}") from None
+                raise ConvertError(f"{path}: {e}") from e
     return parts
 
 
@@ -391,6 +398,16 @@ def read_single_file(
         state = original_to_diffusers(state, given, path)
     config = given or infer_config(state, path)
     return config, to_flax(state, config, path)
+
+
+def is_pickle_source(src: str | os.PathLike) -> bool:
+    """Whether a weights source is read through torch.load: a pickle file, or a diffusers U-Net or pipeline
+    folder whose only U-Net weights are a .bin (reads folder and file names only)."""
+    path = Path(src)
+    if path.is_file():
+        return path.suffix.lower() in PICKLE_SUFFIXES
+    folders = [f for f in (path, path / "unet") if (f / CONFIG_NAME).is_file()]
+    return bool(folders) and not has_safetensors(folders[0]) and (folders[0] / PICKLE_WEIGHTS_NAME).is_file()
 
 
 def read_weights_file(path: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
@@ -417,7 +434,7 @@ def read_pickle(path: Path) -> dict[str, np.ndarray]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError) as e:
-        raise ConvertError(f"{path}: torch.load(weights_only=True, mmap=True) refused it: {e}") from None
+        raise ConvertError(f"{path}: torch.load(weights_only=True, mmap=True) refused it: {e}") from e
     while isinstance(checkpoint, dict) and "state_dict" in checkpoint:  # As diffusers unwraps .ckpt files.
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, dict):

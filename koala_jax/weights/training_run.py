@@ -26,9 +26,9 @@ T = TypeVar("T")
 
 
 def is_training_dir(path: str | os.PathLike) -> bool:
-    """A train.py working directory: checkpoints/ beside student_config.json."""
-    path = Path(path)
-    return (path / CHECKPOINTS_DIR).is_dir() and (path / STUDENT_CONFIG).is_file()
+    """A train.py working directory: student_config.json, written when the run starts (checkpoints/ follows with
+    its first save, so a run stopped before then is still a run, one without a checkpoint yet)."""
+    return (Path(path) / STUDENT_CONFIG).is_file()
 
 
 def read_student_config(workdir: str | os.PathLike) -> UNetConfig:
@@ -82,6 +82,11 @@ def restore_newest_params(
     Without `step`, the newest checkpoint that can be read: damaged newer ones are named on stderr."""
     workdir = Path(workdir).absolute()
     config = read_student_config(workdir)
+    if not checkpoint_steps(workdir):  # Before orbax, which would create the folder of a run without one.
+        raise MissingPathError(
+            f"{workdir}: this run has no checkpoint yet (train.py stopped before its first save); train it longer "
+            "or export another run"
+        )
     key = "ema_params" if ema else "params"
     quiet_closed_loop_noise()
 
