@@ -99,6 +99,13 @@ def temporary_output(path: str | os.PathLike) -> Iterator[Path]:
         _temporary_outputs.discard(path)
 
 
+# A second Ctrl-C while a command saves its work on the first (training): whichever of the training's handler and the
+# runner's watchdog hears it first says this one line.
+INTERRUPTED_AGAIN = (
+    "interrupted again: stopped at once, without saving; rerun the command to resume from the last complete checkpoint"
+)
+
+
 def stop_now(status: int, message: str) -> NoReturn:
     """End the process at once with `status` after removing the registered temporary outputs and printing
     `error: <message>`. For a signal that must take effect although the main thread cannot run Python (a long

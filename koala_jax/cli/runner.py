@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 
 from koala_jax.errors import KoalaError
-from koala_jax.files import stop_now
+from koala_jax.files import INTERRUPTED_AGAIN, stop_now
 
 # What a user can cause: our own errors, and the operating system's (a missing path, a permission, a full
 # disk); their messages name the file.
@@ -157,7 +157,7 @@ class SignalWatchdog:
             if self.grace is None:  # the command handles the first signal itself; a second Ctrl-C stops it
                 while (again := _next_signal(read_fd, None)) is not None:
                     if again == signal.SIGINT:
-                        self._stop(again, "interrupted again: stopped at once")
+                        self._stop(again, INTERRUPTED_AGAIN)
                 return
             again = _next_signal(read_fd, self.grace)
             if again is not None:

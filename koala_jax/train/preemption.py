@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 
 from koala_jax.console import info
-from koala_jax.files import fault_point, stop_now
+from koala_jax.files import INTERRUPTED_AGAIN, fault_point, stop_now
 from koala_jax.train.checkpoint import any_process
 
 
@@ -25,11 +25,7 @@ class Preemption:
 
     def _handle(self, signum, frame) -> None:
         if self.requested and signum == signal.SIGINT:
-            stop_now(
-                128 + signal.SIGINT,
-                "interrupted again: stopped at once, without saving; rerun the command to "
-                "resume from the last complete checkpoint",
-            )
+            stop_now(128 + signal.SIGINT, INTERRUPTED_AGAIN)
         if self.requested is None:
             self.requested = signal.Signals(signum).name
             again = " (Ctrl-C again: stop at once, without saving)" if signum == signal.SIGINT else ""
