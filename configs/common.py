@@ -25,6 +25,6 @@ def sdxl_distillation_config(variant: str, teacher: str, data: str, workdir: str
     c.ckpt.every = 5_000
     c.optim.warmup_steps = 0
     c.mesh.fsdp = 8
-    # --config.plan.enabled=True before the teacher's weights are here: SDXL's U-Net (Base, Lightning and Turbo share it).
+    # --config.plan.enabled=True before the teacher's weights are here: SDXL's U-Net (Base, Lightning, Turbo share it).
     c.plan.teacher = "random:sdxl-base"
     return c
