@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Iterator
-from typing import Any, TypeVar
-
-T = TypeVar("T")
+from typing import Any
 
 
 def is_main_process() -> bool:
@@ -62,11 +59,3 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def track(items: Iterable[T], total: int | None, description: str, unit: str = "it") -> Iterator[T]:
-    """Iterate `items` with a progress bar (on a terminal only)."""
-    with Progress(total, description, unit=unit) as bar:
-        for item in items:
-            yield item
-            bar.update()
